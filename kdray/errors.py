@@ -1,0 +1,28 @@
+"""The errors kdray raises on purpose; the CLI turns them into a message and an exit code."""
+from __future__ import annotations
+
+from typing import Any
+
+
+class KdrayError(Exception):
+    """Base class: a problem kdray explains to the user (exit code 1)."""
+
+    exit_code = 1
+
+
+class ConfigError(KdrayError):
+    """Bad user input: names the field, the bad value and what is allowed (exit code 2)."""
+
+    exit_code = 2
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"{field}: got {value!r}; allowed: {allowed}")
+
+
+class DivergedError(KdrayError):
+    """A loss term became NaN or infinite."""
+
+    def __init__(self, epoch: int, term: str, value: float):
+        self.epoch, self.term, self.value = epoch, term, value
+        super().__init__(f"diverged: loss term {term!r} is {value} at epoch {epoch}")

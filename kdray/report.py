@@ -1,0 +1,40 @@
+"""Plain-text tables for the terminal: run summaries and layer listings."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [[str(c) for c in r] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "-" if v is None else str(v)
+
+
+def summary_table(s: Any) -> str:
+    """The summary of one run (a :class:`kdray.run.RunSummary`)."""
+    rows = [["student test acc", fmt(s.test_acc)], ["student best val acc", fmt(s.best_val_acc)],
+            ["student final val acc", fmt(s.final_val_acc)], ["student params", s.student_params],
+            ["epochs", f"{s.epochs}{' (stopped early)' if s.stopped_early else ''}"]]
+    if s.teacher:
+        rows += [["teacher test acc", fmt(s.teacher.get("teacher_test_acc"))],
+                 ["teacher params", fmt(s.teacher.get("teacher_params"))],
+                 ["teacher source", s.teacher.get("source", "-")],
+                 ["test agreement with teacher", fmt(s.test_teacher_agreement)]]
+    for p in s.probes:
+        rows.append([f"probe val acc [{p['layer']}]", fmt(p["val_acc"])])
+    last = s.history[-1] if s.history else {}
+    rows += [[f"last epoch {k}", fmt(v)] for k, v in last.items() if k.startswith("loss")]
+    rows += [["seconds", f"{s.seconds:.1f}"], ["saved to", s.output_dir or "-"]]
+    return table(rows, [s.name, "value"])
+
+
+def layers_table(infos: Iterable[Any]) -> str:
+    rows = [[i.model, i.path, i.type, "x".join(map(str, i.shape)) if i.shape else "-", i.params] for i in infos]
+    return table(rows, ["model", "path", "type", "output shape", "params"])

@@ -1,0 +1,207 @@
+"""One experiment from config to saved student: the pipeline behind ``kdray train`` and each trial.
+
+:func:`prepare` does the work shared by every run of a search (data, teacher), :func:`build` checks
+the layers against the real models on one batch and sets up the distiller, the probes and the teacher
+signal, and :func:`run` trains, tests and saves. Nothing here knows about Ray or MLflow; they call in
+through ``callbacks`` and ``start_state``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from torch import nn
+
+from kdray.config import ExperimentConfig
+from kdray.data import DataBundle, make_bundle
+from kdray.errors import ConfigError
+from kdray.hooks import check_paths, output_shapes
+from kdray.models import build_model, count_parameters
+from kdray.probes import ProbeReport
+from kdray.progress import epoch_bar
+from kdray.teacher import (LiveTeacher, PrecomputedTeacher, fit_probes, get_teacher, probe_specs, save_model,
+                           teacher_pass)
+from kdray.train import Data, Distiller, EpochCallback, accuracy, fit, predict, resolve_device, seed_everything
+
+log = logging.getLogger("kdray")
+LOGIT_METHODS = {"kd", "dkd"}
+
+
+@dataclass
+class Prepared:
+    """Shared by all runs on the same data and teacher: built once per search."""
+
+    bundle: DataBundle
+    teacher: Optional[nn.Module]
+    teacher_info: dict[str, Any]
+
+
+def prepare(cfg: ExperimentConfig) -> Prepared:
+    bundle = make_bundle(cfg.data, cfg.cache_dir)
+    teacher, info = None, {}
+    if cfg.teacher is not None:
+        teacher, info = get_teacher(cfg, bundle.num_classes, make_bundle=lambda d: make_bundle(d, cfg.cache_dir))
+        teacher.eval().requires_grad_(False)
+        t_logits = predict(teacher, bundle.x_test, cfg.data.eval_batch_size)
+        if t_logits.shape[1] == bundle.num_classes:
+            info["teacher_test_acc"] = accuracy(t_logits, bundle.y_test)
+        info["teacher_classes"] = t_logits.shape[1]
+        info["teacher_params"] = count_parameters(teacher)
+    return Prepared(bundle, teacher, info)
+
+
+@dataclass
+class Built:
+    distiller: Distiller
+    signal: Any  # a TeacherSignal, or None without a teacher
+    online_teacher: Optional[nn.Module]
+    probes: list[ProbeReport]
+    teacher_val_pred: Optional[torch.Tensor]
+
+
+def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
+    """Check every layer and shape on one batch, build adapters, fit probes, choose the teacher signal."""
+    b = prep.bundle
+    student = build_model(cfg.student, b.num_classes).to(device)
+    distiller = Distiller(student, cfg.distill).to(device)
+    example = b.x_train[: min(len(b.x_train), cfg.data.batch_size)].to(device)
+    teacher = prep.teacher.to(device) if prep.teacher is not None else None
+    for i, term in enumerate(cfg.distill.terms):
+        check_paths(student, term.student_layers, f"distill.terms[{i}].student_layers")
+        if teacher is not None:
+            check_paths(teacher, term.teacher_layers, f"distill.terms[{i}].teacher_layers")
+        if (term.method in LOGIT_METHODS or cfg.distill.scheme == "online") and \
+                prep.teacher_info.get("teacher_classes") != b.num_classes:
+            raise ConfigError("teacher.model", f"{prep.teacher_info.get('teacher_classes')} output classes",
+                              f"{b.num_classes} classes (those of data set {b.name!r}) for logit KD method "
+                              f"{term.method!r}; use probe_kd or feature methods with this teacher")
+    s_shapes = output_shapes(student, example, distiller.student_layers, "student_layers")
+    t_shapes = output_shapes(teacher, example, distiller.teacher_layers, "teacher_layers") if teacher is not None else {}
+    distiller.build(s_shapes, t_shapes)
+    distiller.to(device)
+    if teacher is None:
+        return Built(distiller, None, None, [], None)
+    teacher_val_pred = predict(teacher, b.x_val.to(device), cfg.data.eval_batch_size).argmax(1).cpu()
+    specs = probe_specs(distiller)
+    if cfg.distill.scheme == "online":
+        if specs:
+            raise ConfigError("distill.scheme", "online", "offline when a probe_kd term is used (probes are fitted "
+                                                          "on a frozen teacher)")
+        teacher = copy.deepcopy(teacher).train().requires_grad_(True)  # the shared one stays frozen
+        return Built(distiller, LiveTeacher(teacher, distiller.teacher_layers, {}), teacher, [], teacher_val_pred)
+    probe_layers = [s.layer for s in specs]
+    layers = sorted(set(distiller.teacher_layers) | set(probe_layers))
+    t0 = time.perf_counter()
+    logits, feats = teacher_pass(teacher, b.x_train.to(device), layers, cfg.data.eval_batch_size)
+    _, val_feats = teacher_pass(teacher, b.x_val.to(device), probe_layers, cfg.data.eval_batch_size)
+    probes, reports = fit_probes(specs, feats, b.y_train.to(device), val_feats, b.y_val.to(device), b.num_classes)
+    if b.augment is not None:
+        log.info("teacher signal: live (inputs are augmented, so cached teacher outputs would not match)")
+        return Built(distiller, LiveTeacher(teacher, distiller.teacher_layers, probes), None, reports, teacher_val_pred)
+    probe_logits = {p: probe(feats[p]) for p, probe in probes.items()}
+    signal = PrecomputedTeacher(logits, {p: feats[p] for p in distiller.teacher_layers}, probe_logits)
+    log.info("teacher signal: precomputed once for %d examples in %.2fs", len(b.x_train), time.perf_counter() - t0)
+    return Built(distiller, signal, None, reports, teacher_val_pred)
+
+
+@dataclass
+class RunSummary:
+    name: str
+    test_acc: float
+    best_val_acc: float
+    final_val_acc: float
+    epochs: int
+    stopped_early: bool
+    student_params: int
+    seconds: float
+    teacher: dict[str, Any] = field(default_factory=dict)
+    probes: list[dict] = field(default_factory=list)
+    test_teacher_agreement: Optional[float] = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    output_dir: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tuple[EpochCallback, ...] = (),
+        start_state: Optional[dict] = None, output_dir: Optional[str | Path] = None, rank: int = 0,
+        world_size: int = 1, wrap=None) -> RunSummary:
+    """Train (or resume) the student of ``cfg``; test it; save it to ``output_dir`` when given.
+
+    ``wrap(distiller) -> module`` lets a distributed caller wrap the distiller (e.g. in DDP).
+    """
+    t0 = time.perf_counter()
+    seed_everything(cfg.seed)
+    prep = prep or prepare(cfg)
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.seed)  # the same student init whether or not the teacher was trained just now
+    built = build(cfg, prep, device)
+    b = prep.bundle
+    data = Data(b.x_train, b.y_train, b.x_val, b.y_val, cfg.data.batch_size, cfg.data.eval_batch_size, b.augment)
+    module = wrap(built.distiller) if wrap else built.distiller
+    show = cfg.train.progress and rank == 0
+    try:
+        with epoch_bar(cfg.train.epochs, cfg.name, show) as bar:
+            result = fit(built.distiller, data, cfg.train, seed=cfg.seed, teacher=built.signal,
+                         online_teacher=built.online_teacher, teacher_val_pred=built.teacher_val_pred,
+                         callbacks=callbacks, start_state=start_state, rank=rank, world_size=world_size,
+                         module=module, progress=bar)
+    finally:
+        built.distiller.close()
+        if isinstance(built.signal, LiveTeacher):
+            built.signal.close()
+    student = built.distiller.student
+    test_logits = predict(student, b.x_test.to(device), cfg.data.eval_batch_size)
+    agreement = None
+    if prep.teacher is not None and prep.teacher_info.get("teacher_classes") == b.num_classes:
+        t_test = predict(prep.teacher, b.x_test.to(device), cfg.data.eval_batch_size)
+        agreement = (t_test.argmax(1) == test_logits.argmax(1)).float().mean().item()
+    hist = result.history
+    summary = RunSummary(
+        name=cfg.name, test_acc=accuracy(test_logits, b.y_test.to(device)),
+        best_val_acc=max(h["val_acc"] for h in hist), final_val_acc=hist[-1]["val_acc"], epochs=len(hist),
+        stopped_early=result.stopped_early, student_params=count_parameters(student),
+        seconds=time.perf_counter() - t0, teacher=dict(prep.teacher_info),
+        probes=[asdict(r) for r in built.probes], test_teacher_agreement=agreement, history=hist)
+    if output_dir is not None and rank == 0:
+        summary.output_dir = str(save_run(Path(output_dir), cfg, student, b, summary))
+    return summary
+
+
+def save_run(out: Path, cfg: ExperimentConfig, student: nn.Module, bundle: DataBundle, summary: RunSummary) -> Path:
+    """student.pt (weights-only kdray model file), config.yaml, metrics.csv and summary.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out / "student.pt", student.cpu(), cfg.student, bundle.num_classes,
+               {"test_acc": summary.test_acc, "experiment": cfg.name, "input_shape": list(bundle.x_train.shape[1:])})
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    import pandas as pd
+
+    pd.DataFrame(summary.history).to_csv(out / "metrics.csv", index=False)
+    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+    return out
+
+
+def list_model_layers(cfg: ExperimentConfig, which: str = "both") -> list:
+    """Every module of the teacher and/or student with its output shape on one batch of the data.
+
+    The models are built from their specs (no teacher training or checkpoint needed: shapes do not
+    depend on weights).
+    """
+    from kdray.hooks import list_layers
+
+    b = make_bundle(cfg.data, cfg.cache_dir)
+    example = b.x_train[: min(len(b.x_train), cfg.data.batch_size)]
+    out = []
+    if cfg.teacher is not None and which in ("teacher", "both"):
+        out += list_layers(build_model(cfg.teacher.model, b.num_classes), example, "teacher")
+    if which in ("student", "both"):
+        out += list_layers(build_model(cfg.student, b.num_classes), example, "student")
+    return out

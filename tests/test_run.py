@@ -1,0 +1,152 @@
+"""End to end on tiny MNIST-1D: teacher recipe and cache, every method through the real loop,
+determinism, resume, saved students, online scheme, divergence and the teacher-class check."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kdray.config import parse_config
+from kdray.errors import ConfigError, DivergedError
+from kdray.run import prepare, run
+from kdray.teacher import load_model, read_checkpoint, save_model
+from kdray.train import StopTraining
+
+
+@pytest.fixture(scope="module")
+def prep():
+    from tests.conftest import TINY
+
+    cfg = parse_config(copy.deepcopy(TINY))
+    return prepare(cfg)
+
+
+def test_teacher_recipe_is_cached_by_hash(tiny_raw, prep):
+    assert prep.teacher_info["teacher_test_acc"] > 0.3
+    again = prepare(parse_config(tiny_raw))
+    assert again.teacher_info["cached"] is True
+    assert again.teacher_info["source"] == prep.teacher_info["source"]
+    from kdray.teacher import recipe_key
+
+    assert recipe_key(parse_config(tiny_raw)) == again.teacher_info["recipe_key"]
+    tiny_raw["teacher"]["recipe"]["seed"] = 1  # any change to the recipe is a new teacher
+    assert recipe_key(parse_config(tiny_raw)) != again.teacher_info["recipe_key"]
+    tiny_raw["teacher"]["recipe"]["seed"] = 0
+    tiny_raw["data"]["params"]["num_samples"] = 1200
+    assert recipe_key(parse_config(tiny_raw)) != again.teacher_info["recipe_key"]
+
+
+TERMS = {
+    "kd": {"method": "kd"},
+    "dkd": {"method": "dkd"},
+    "probe_kd": {"method": "probe_kd", "teacher_layers": "relu3"},
+    "fitnet": {"method": "fitnet", "teacher_layers": "relu2", "student_layers": "relu2"},
+    "at": {"method": "at", "teacher_layers": "relu2", "student_layers": "relu2"},
+    "ab": {"method": "ab", "teacher_layers": "conv2", "student_layers": "conv2"},
+    "feature_l2": {"method": "feature_l2", "teacher_layers": "relu3", "student_layers": "relu3"},
+    "fsp": {"method": "fsp", "teacher_layers": ["relu1", "relu2"], "student_layers": ["relu1", "relu2"]},
+    "sp": {"method": "sp", "teacher_layers": "relu3", "student_layers": "relu3"},
+    "rkd": {"method": "rkd", "teacher_layers": "flatten", "student_layers": "flatten"},
+    "pkt": {"method": "pkt", "teacher_layers": "flatten", "student_layers": "flatten"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(TERMS))
+def test_every_method_trains_end_to_end(name, tiny_raw, prep):
+    tiny_raw["distill"]["terms"] = [TERMS[name]]
+    tiny_raw["train"]["epochs"] = 1
+    s = run(parse_config(tiny_raw), prep)
+    h = s.history[-1]
+    assert f"loss_{name}" in h and h[f"loss_{name}"] >= 0 and 0 <= h["val_acc"] <= 1
+    assert 0 <= s.test_acc <= 1 and s.test_teacher_agreement is not None
+    if name == "probe_kd":
+        assert s.probes[0]["layer"] == "relu3" and 0 < s.probes[0]["val_acc"] <= 1
+
+
+def test_same_seed_same_result_and_saved_student_reloads(tiny_raw, prep, tmp_path):
+    a = run(parse_config(tiny_raw), prep, output_dir=tmp_path / "a")
+    b = run(parse_config(tiny_raw), prep)
+    assert a.history[-1]["loss"] == b.history[-1]["loss"] and a.test_acc == b.test_acc
+    ckpt = read_checkpoint(tmp_path / "a" / "student.pt")  # weights_only=True inside
+    assert ckpt["format"] == "kdray-model-v1" and ckpt["meta"]["test_acc"] == a.test_acc
+    model = load_model(tmp_path / "a" / "student.pt").eval()
+    x = prep.bundle.x_test
+    acc = (model(x).argmax(1) == prep.bundle.y_test).float().mean().item()
+    assert acc == pytest.approx(a.test_acc)
+    assert not any("adapter" in k for k in ckpt["state_dict"])  # adapters are not saved with the student
+    assert {"student.pt", "config.yaml", "metrics.csv", "summary.json"} <= {p.name for p in (tmp_path / "a").iterdir()}
+
+
+def test_resume_from_a_saved_state_matches_an_uninterrupted_run(tiny_raw, prep, tmp_path):
+    tiny_raw["distill"]["terms"] = [TERMS["fitnet"]]  # adapters must be restored too
+    tiny_raw["train"]["epochs"] = 3
+    full = run(parse_config(tiny_raw), prep)
+    saved = {}
+
+    def stop_after_2(metrics, state):
+        if metrics["epoch"] == 2:
+            torch.save(state(), tmp_path / "state.pt")
+            raise StopTraining
+
+    part = run(parse_config(tiny_raw), prep, callbacks=(stop_after_2,))
+    assert part.stopped_early and part.epochs == 2
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    resumed = run(parse_config(tiny_raw), prep, start_state=state)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], rel=1e-5)
+    assert resumed.test_acc == pytest.approx(full.test_acc)
+
+
+def test_online_scheme_trains_the_teacher_too(tiny_raw, prep):
+    tiny_raw["distill"]["scheme"] = "online"
+    tiny_raw["train"]["epochs"] = 1
+    before = {k: v.clone() for k, v in prep.teacher.state_dict().items()}
+    s = run(parse_config(tiny_raw), prep)
+    assert s.history[-1]["loss_teacher"] > 0
+    assert all(torch.equal(before[k], v) for k, v in prep.teacher.state_dict().items())  # shared teacher untouched
+
+
+def test_diverging_loss_names_epoch_and_term(tiny_raw, prep):
+    tiny_raw["train"]["optimizer"] = {"name": "sgd", "lr": 1e12, "momentum": 0.0}
+    tiny_raw["distill"]["terms"] = [TERMS["fitnet"]]
+    with pytest.raises(DivergedError) as info:
+        run(parse_config(tiny_raw), prep)
+    assert info.value.epoch >= 1 and "diverged" in str(info.value)
+
+
+def test_bad_layer_path_and_unusable_layer(tiny_raw, prep):
+    tiny_raw["distill"]["terms"] = [{"method": "fitnet", "teacher_layers": "relu9", "student_layers": "relu2"}]
+    with pytest.raises(ConfigError) as info:
+        run(parse_config(tiny_raw), prep)
+    assert info.value.field == "distill.terms[0].teacher_layers" and "relu2" in info.value.allowed
+    tiny_raw["distill"]["terms"] = [{"method": "at", "teacher_layers": "fc", "student_layers": "fc"}]
+    with pytest.raises(ConfigError) as info:
+        run(parse_config(tiny_raw), prep)
+    assert "fc" in str(info.value)
+
+
+def test_logit_kd_needs_matching_teacher_classes(tiny_raw, tmp_path, prep):
+    from kdray.config import ModelSpec
+    from kdray.models import build_model
+
+    spec = ModelSpec(name="mnist1d_cnn", kwargs={"channels": 16})
+    save_model(tmp_path / "t5.pt", build_model(spec, 5), spec, 5)
+    tiny_raw["teacher"] = {"model": spec.model_dump(), "checkpoint": str(tmp_path / "t5.pt")}
+    with pytest.raises(ConfigError) as info:
+        run(parse_config(tiny_raw))
+    assert info.value.field == "teacher.model" and "10 classes" in info.value.allowed
+    tiny_raw["distill"]["terms"] = [TERMS["probe_kd"]]  # probes do not need the teacher's classes
+    assert run(parse_config(tiny_raw)).test_acc >= 0
+
+
+def test_pickled_or_missing_checkpoint_is_refused(tiny_raw, tmp_path):
+    import pickle
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"x": object()}))
+    for path in (tmp_path / "evil.pt", tmp_path / "missing.pt"):
+        raw = copy.deepcopy(tiny_raw)
+        raw["teacher"] = {"model": raw["teacher"]["model"], "checkpoint": str(path)}
+        with pytest.raises(ConfigError) as info:
+            run(parse_config(raw))
+        assert info.value.field == "teacher.checkpoint" and str(path) in str(info.value)

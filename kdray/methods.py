@@ -223,7 +223,7 @@ class ProbeKD(Method):
     name, default_weight, layers, uses_temperature = "probe_kd", 0.9, "teacher", True
 
     class Options(Strict):
-        pooling: Literal["mean", "flatten", "first", "max"] = "mean"  # how the layer output becomes a vector
+        pooling: Literal["mean", "max", "flatten", "first", "seq_mean"] = "mean"  # how the layer output becomes a vector
         l2: float = Field(1e-3, gt=0)  # L2 penalty of the (multinomial logistic) probe
         max_iter: int = Field(100, ge=1)  # optimizer iterations when fitting the probe
 

@@ -28,7 +28,8 @@ from kdray.probes import ProbeReport
 from kdray.progress import epoch_bar
 from kdray.teacher import (LiveTeacher, PrecomputedTeacher, fit_probes, get_teacher, probe_specs, save_model,
                            teacher_pass)
-from kdray.train import Data, Distiller, EpochCallback, accuracy, fit, predict, resolve_device, seed_everything
+from kdray.train import (Data, Distiller, EpochCallback, accuracy, fit, predict, resolve_device, seed_everything,
+                         test_metrics)
 
 log = logging.getLogger("kdray")
 LOGIT_METHODS = {"kd", "dkd"}
@@ -64,51 +65,70 @@ class Built:
     online_teacher: Optional[nn.Module]
     probes: list[ProbeReport]
     teacher_val_pred: Optional[torch.Tensor]
+    teacher_test_pred: Optional[torch.Tensor]
 
 
-def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
-    """Check every layer and shape on one batch, build adapters, fit probes, choose the teacher signal."""
-    b = prep.bundle
-    student = build_model(cfg.student, b.num_classes).to(device)
-    distiller = Distiller(student, cfg.distill).to(device)
-    example = b.x_train[: min(len(b.x_train), cfg.data.batch_size)].to(device)
-    teacher = prep.teacher.to(device) if prep.teacher is not None else None
+def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_classes: int, example: torch.Tensor,
+                    data_name: str = "") -> Distiller:
+    """Student + terms with adapters, after checking every layer path and shape on one batch.
+
+    Needs only the architectures (weights do not matter), so a search checks its whole space with it
+    before any teacher is trained.
+    """
+    student = build_model(cfg.student, num_classes).to(example.device)
+    distiller = Distiller(student, cfg.distill)
+    teacher_classes = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_classes = teacher.eval()(example[:2]).shape[1]
     for i, term in enumerate(cfg.distill.terms):
         check_paths(student, term.student_layers, f"distill.terms[{i}].student_layers")
         if teacher is not None:
             check_paths(teacher, term.teacher_layers, f"distill.terms[{i}].teacher_layers")
-        if (term.method in LOGIT_METHODS or cfg.distill.scheme == "online") and \
-                prep.teacher_info.get("teacher_classes") != b.num_classes:
-            raise ConfigError("teacher.model", f"{prep.teacher_info.get('teacher_classes')} output classes",
-                              f"{b.num_classes} classes (those of data set {b.name!r}) for logit KD method "
+        if (term.method in LOGIT_METHODS or cfg.distill.scheme == "online") and teacher_classes != num_classes:
+            raise ConfigError("teacher.model", f"{teacher_classes} output classes",
+                              f"{num_classes} classes (those of data set {data_name!r}) for logit KD method "
                               f"{term.method!r}; use probe_kd or feature methods with this teacher")
+    if cfg.distill.scheme == "online" and probe_specs(distiller):
+        raise ConfigError("distill.scheme", "online", "offline when a probe_kd term is used (probes are fitted "
+                                                      "on a frozen teacher)")
     s_shapes = output_shapes(student, example, distiller.student_layers, "student_layers")
     t_shapes = output_shapes(teacher, example, distiller.teacher_layers, "teacher_layers") if teacher is not None else {}
     distiller.build(s_shapes, t_shapes)
-    distiller.to(device)
+    return distiller.to(example.device)
+
+
+def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
+    """Check layers and shapes, build adapters, fit probes, choose the teacher signal."""
+    b = prep.bundle
+    example = b.x_train[: min(len(b.x_train), cfg.data.batch_size)].to(device)
+    teacher = prep.teacher.to(device) if prep.teacher is not None else None
+    distiller = build_distiller(cfg, teacher, b.num_classes, example, b.name)
     if teacher is None:
-        return Built(distiller, None, None, [], None)
-    teacher_val_pred = predict(teacher, b.x_val.to(device), cfg.data.eval_batch_size).argmax(1).cpu()
-    specs = probe_specs(distiller)
+        return Built(distiller, None, None, [], None, None)
+    eval_bs = cfg.data.eval_batch_size
+    same_classes = prep.teacher_info.get("teacher_classes") == b.num_classes
+    teacher_val_pred = predict(teacher, b.x_val.to(device), eval_bs).argmax(1).cpu() if same_classes else None
+    teacher_test_pred = predict(teacher, b.x_test.to(device), eval_bs).argmax(1).cpu() if same_classes else None
     if cfg.distill.scheme == "online":
-        if specs:
-            raise ConfigError("distill.scheme", "online", "offline when a probe_kd term is used (probes are fitted "
-                                                          "on a frozen teacher)")
         teacher = copy.deepcopy(teacher).train().requires_grad_(True)  # the shared one stays frozen
-        return Built(distiller, LiveTeacher(teacher, distiller.teacher_layers, {}), teacher, [], teacher_val_pred)
+        return Built(distiller, LiveTeacher(teacher, distiller.teacher_layers, {}), teacher, [], teacher_val_pred,
+                     teacher_test_pred)
+    specs = probe_specs(distiller)
     probe_layers = [s.layer for s in specs]
     layers = sorted(set(distiller.teacher_layers) | set(probe_layers))
     t0 = time.perf_counter()
-    logits, feats = teacher_pass(teacher, b.x_train.to(device), layers, cfg.data.eval_batch_size)
-    _, val_feats = teacher_pass(teacher, b.x_val.to(device), probe_layers, cfg.data.eval_batch_size)
+    logits, feats = teacher_pass(teacher, b.x_train.to(device), layers, eval_bs)
+    _, val_feats = teacher_pass(teacher, b.x_val.to(device), probe_layers, eval_bs)
     probes, reports = fit_probes(specs, feats, b.y_train.to(device), val_feats, b.y_val.to(device), b.num_classes)
     if b.augment is not None:
         log.info("teacher signal: live (inputs are augmented, so cached teacher outputs would not match)")
-        return Built(distiller, LiveTeacher(teacher, distiller.teacher_layers, probes), None, reports, teacher_val_pred)
-    probe_logits = {p: probe(feats[p]) for p, probe in probes.items()}
-    signal = PrecomputedTeacher(logits, {p: feats[p] for p in distiller.teacher_layers}, probe_logits)
-    log.info("teacher signal: precomputed once for %d examples in %.2fs", len(b.x_train), time.perf_counter() - t0)
-    return Built(distiller, signal, None, reports, teacher_val_pred)
+        signal: Any = LiveTeacher(teacher, distiller.teacher_layers, probes)
+    else:
+        probe_logits = {p: probe(feats[p]) for p, probe in probes.items()}
+        signal = PrecomputedTeacher(logits, {p: feats[p] for p in distiller.teacher_layers}, probe_logits)
+        log.info("teacher signal: precomputed once for %d examples in %.2fs", len(b.x_train), time.perf_counter() - t0)
+    return Built(distiller, signal, None, reports, teacher_val_pred, teacher_test_pred)
 
 
 @dataclass
@@ -145,7 +165,8 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
     seed_everything(cfg.seed)  # the same student init whether or not the teacher was trained just now
     built = build(cfg, prep, device)
     b = prep.bundle
-    data = Data(b.x_train, b.y_train, b.x_val, b.y_val, cfg.data.batch_size, cfg.data.eval_batch_size, b.augment)
+    data = Data(b.x_train, b.y_train, b.x_val, b.y_val, cfg.data.batch_size, cfg.data.eval_batch_size, b.augment,
+                b.x_test, b.y_test, built.teacher_test_pred)
     module = wrap(built.distiller) if wrap else built.distiller
     show = cfg.train.progress and rank == 0
     try:
@@ -159,18 +180,14 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
         if isinstance(built.signal, LiveTeacher):
             built.signal.close()
     student = built.distiller.student
-    test_logits = predict(student, b.x_test.to(device), cfg.data.eval_batch_size)
-    agreement = None
-    if prep.teacher is not None and prep.teacher_info.get("teacher_classes") == b.num_classes:
-        t_test = predict(prep.teacher, b.x_test.to(device), cfg.data.eval_batch_size)
-        agreement = (t_test.argmax(1) == test_logits.argmax(1)).float().mean().item()
+    final = result.history[-1] if result.history and "test_acc" in result.history[-1] else test_metrics(student, data)
     hist = result.history
     summary = RunSummary(
-        name=cfg.name, test_acc=accuracy(test_logits, b.y_test.to(device)),
+        name=cfg.name, test_acc=final["test_acc"],
         best_val_acc=max(h["val_acc"] for h in hist), final_val_acc=hist[-1]["val_acc"], epochs=len(hist),
         stopped_early=result.stopped_early, student_params=count_parameters(student),
         seconds=time.perf_counter() - t0, teacher=dict(prep.teacher_info),
-        probes=[asdict(r) for r in built.probes], test_teacher_agreement=agreement, history=hist)
+        probes=[asdict(r) for r in built.probes], test_teacher_agreement=final.get("test_teacher_agreement"), history=hist)
     if output_dir is not None and rank == 0:
         summary.output_dir = str(save_run(Path(output_dir), cfg, student, b, summary))
     return summary

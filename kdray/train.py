@@ -168,6 +168,20 @@ class Data:
     batch_size: int
     eval_batch_size: int
     augment: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None
+    x_test: Optional[torch.Tensor] = None  # when given, the last epoch's metrics include test_acc
+    y_test: Optional[torch.Tensor] = None
+    teacher_test_pred: Optional[torch.Tensor] = None  # ... and test_teacher_agreement
+
+
+@torch.no_grad()
+def test_metrics(student: nn.Module, data: Data) -> dict[str, float]:
+    """Final test accuracy (and agreement with the teacher's test predictions when known)."""
+    device = next(student.parameters()).device
+    logits = predict(student, data.x_test.to(device), data.eval_batch_size)
+    out = {"test_acc": accuracy(logits, data.y_test.to(device))}
+    if data.teacher_test_pred is not None:
+        out["test_teacher_agreement"] = (logits.argmax(1).cpu() == data.teacher_test_pred.cpu()).float().mean().item()
+    return out
 
 
 @dataclass
@@ -278,6 +292,8 @@ def fit(
         metrics["epoch_time_s"] = elapsed
         metrics["samples_per_s"] = per_rank * world_size / elapsed
         metrics["lr"] = opt.param_groups[0]["lr"]
+        if epoch == train.epochs and data.x_test is not None:
+            metrics.update(test_metrics(distiller.student, data))
         history.append(metrics)
         if progress is not None:
             progress(epoch, metrics)

@@ -72,6 +72,81 @@ def cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+@command
+def add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="run a Ray Tune + Optuna search over a search space file")
+    p.add_argument("space", help="search space (YAML), e.g. search_spaces/quickstart.yaml")
+    p.add_argument("--address", help="Ray address: auto, ray://host:10001 or host:port (default: a local Ray)")
+    p.add_argument("--num-trials", type=int)
+    p.add_argument("--concurrency", type=int, help="trials running at once")
+    p.add_argument("--workers-per-trial", type=int, help="more than 1 runs each trial on Ray Train (DDP)")
+    p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument("--gpus-per-worker", type=float)
+    p.add_argument("--storage-path", help="local folder (default ./kdray_results), s3://, gs:// or an NFS path")
+    p.add_argument("--scheduler", choices=["asha", "none"])
+    p.add_argument("--searcher", choices=["tpe", "random"])
+    p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped")
+    p.add_argument("--reduction-factor", type=float, help="ASHA: keep 1/factor of trials at each rung")
+    p.add_argument("--max-epochs", type=int, help="epochs of a trial that is not stopped early")
+    p.add_argument("--max-failures", type=int, help="retries of a failed trial from its last checkpoint")
+    p.add_argument("--seed", type=int, help="sampler seed")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_search)
+
+
+SEARCH_SETTINGS = ("num_trials", "concurrency", "workers_per_trial", "cpus_per_worker", "gpus_per_worker",
+                   "scheduler", "searcher", "grace_period", "reduction_factor", "max_epochs", "max_failures", "seed")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from kdray.search import SearchOptions, run_search, status_counts, top_table
+
+    opts = SearchOptions(address=args.address, storage_path=args.storage_path, resume=args.resume,
+                         overrides={k: getattr(args, k) for k in SEARCH_SETTINGS}, num_cpus=args.num_cpus,
+                         progress=not args.no_progress)
+    outcome = run_search(args.space, opts)
+    metric = next(c for c in outcome.table.columns if c.startswith("best_")).removeprefix("best_") \
+        if not outcome.table.empty else "val_acc"
+    print(top_table(outcome.table, metric))
+    print(f"trials: {status_counts(outcome.table)}; {outcome.seconds:.0f} s; results in {outcome.experiment_path}")
+    return 0
+
+
+@command
+def add_results(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("results", help="print the trials table of a search")
+    p.add_argument("experiment", help="search name (under --storage-path) or its folder")
+    p.add_argument("--storage-path")
+    p.add_argument("--sort", help="column to sort by (default: the search metric)")
+    p.add_argument("--ascending", action="store_true")
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=cmd_results)
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from kdray.errors import ConfigError
+    from kdray.report import fmt, table
+    from kdray.search import read_results
+
+    df = read_results(args.experiment, args.storage_path)
+    if args.sort:
+        if args.sort not in df.columns:
+            raise ConfigError("--sort", args.sort, "one of " + ", ".join(df.columns))
+        df = df.sort_values(args.sort, ascending=args.ascending, na_position="last")
+    df = df.head(args.top)
+    if args.format == "csv":
+        print(df.to_csv(index=False), end="")
+    elif args.format == "json":
+        print(df.to_json(orient="records"))
+    else:
+        cols = [c for c in df.columns if c not in ("path", "error")]
+        print(table([[fmt(v) for v in r] for r in df[cols].itertuples(index=False)], cols))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdray", description="Knowledge distillation experiments and searches.")
     parser.add_argument("--version", action="version", version=f"kdray {__version__}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import os
 import pickle
 import random
 from dataclasses import dataclass, field
@@ -287,18 +286,32 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 
 
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    if not isinstance(text, str) or encoding.lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} is not allowed in a data file")
+    return text.encode("latin-1", errors)
+
+
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles only plain containers, numbers, strings and numpy arrays; any other global is refused."""
+    """Unpickles only plain containers, numbers, strings and numpy arrays; any other global is refused.
+
+    Allowed globals: numpy's array reconstruction helpers (``numpy[._]core.multiarray._reconstruct``,
+    ``numpy[._]core.numeric._frombuffer``), ``numpy.ndarray``, ``numpy.dtype`` and ``_codecs.encode``
+    restricted to latin-1 (Python 3 pickles of bytes at protocol 2).
+    """
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes at protocol <= 2; only latin-1 is let through
     }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a data file")
+        if name == "encode":
+            return _latin1_encode
         if name == "_reconstruct":
             from numpy._core.multiarray import _reconstruct
             return _reconstruct

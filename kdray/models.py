@@ -12,8 +12,8 @@ field, the bad value and what is allowed.
 
 Built-in models (module paths in brackets):
 
-- ``mnist1d_cnn`` / ``mnist1d_cnn_small``: three strided Conv1d layers and a linear head
-  [``conv1 relu1 conv2 relu2 conv3 relu3 flatten fc``]; conv outputs are ``(B, C, L)`` with L = 20, 10, 5
+- ``mnist1d_cnn`` / ``mnist1d_cnn_small``: three Conv1d layers (strides 1, 1, 2) and a linear head
+  [``conv1 relu1 conv2 relu2 conv3 relu3 flatten fc``]; conv outputs are ``(B, C, L)`` with L = 40, 40, 20
   for the default length-40 input. Input ``(B, 40)`` or ``(B, 1, 40)``.
 - ``mnist1d_mlp``: [``fc1 relu1 fc2 relu2 ... head``], input ``(B, 40)`` or ``(B, 1, 40)``.
 - CIFAR ResNets as in RepDistiller (``resnet8 ... resnet110``, ``resnet8x4``, ``resnet32x4``):
@@ -28,10 +28,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import warnings
 from typing import Annotated, Any, Callable, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import ConfigDict, Field, ValidationError, create_model
 from torch import nn
 
 from kdray.config import ModelSpec
@@ -64,19 +65,20 @@ def _conv_len(length: int, kernel: int, stride: int, padding: int) -> int:
 
 
 class MNIST1DCNN(nn.Module):
-    """Three Conv1d(stride 2) + ReLU layers and a linear head on the flattened last feature map."""
+    """Three Conv1d + ReLU layers (kernel ``kernel`` stride 1, kernel 3 stride 1, kernel 3 stride 2;
+    "same" padding) and a linear head on the flattened last feature map."""
 
     def __init__(self, num_classes: int, channels: int = 32, kernel: int = 5, in_length: int = 40,
                  in_channels: int = 1):
         super().__init__()
         length = in_length
         layers = []
-        for i, (c_in, k) in enumerate([(in_channels, kernel), (channels, 3), (channels, 3)], start=1):
+        for i, (c_in, k, stride) in enumerate([(in_channels, kernel, 1), (channels, 3, 1), (channels, 3, 2)], start=1):
             pad = k // 2
-            length = _conv_len(length, k, 2, pad)
+            length = _conv_len(length, k, stride, pad)
             if length < 1:
-                raise ConfigError("kwargs.in_length", in_length, f"a length long enough for three stride-2 convs (kernel {kernel})")
-            layers += [(f"conv{i}", nn.Conv1d(c_in, channels, k, stride=2, padding=pad)), (f"relu{i}", nn.ReLU())]
+                raise ConfigError("kwargs.in_length", in_length, f"a length long enough for the three convs (kernel {kernel})")
+            layers += [(f"conv{i}", nn.Conv1d(c_in, channels, k, stride=stride, padding=pad)), (f"relu{i}", nn.ReLU())]
         for name, mod in layers:
             self.add_module(name, mod)
         self.flatten = nn.Flatten()
@@ -333,7 +335,9 @@ def _check_kwargs(factory: Callable[..., Any], kwargs: dict[str, Any], field: st
     if not fields:
         return
     try:
-        validator = create_model("_Kwargs", __config__=ConfigDict(strict=True, arbitrary_types_allowed=True), **fields)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. a kwarg that shadows a BaseModel attribute
+            validator = create_model("_Kwargs", __config__=ConfigDict(strict=True, arbitrary_types_allowed=True), **fields)
     except Exception:  # annotations pydantic cannot handle: skip the type check
         return
     try:

@@ -1,0 +1,382 @@
+"""``kdray search``: a Ray Tune search where every trial is a distillation run.
+
+Optuna TPE (through Ray's ``OptunaSearch``, capped by a ``ConcurrencyLimiter``) proposes trials from the
+space's define-by-run function; ASHA stops weak ones early on the validation metric. Trials that ASHA
+stops are told to Optuna as PRUNED (with their per-epoch values), not as complete with a truncated
+score. One worker per trial runs the core loop in a plain function trainable; more workers launch a
+Ray Train ``TorchTrainer`` (see :mod:`kdray.distributed`). Data and teacher are prepared once, put in
+the object store once, and every trial gets a reference.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from kdray.config import parse_config
+from kdray.errors import ConfigError, KdrayError
+from kdray.space import DefineByRun, SearchSettings, SearchSpace, check_space, dimensions, load_space, trial_raw
+
+log = logging.getLogger("kdray")
+
+RESULTS_FILE = "results.parquet"
+
+
+@dataclass
+class SearchOptions:
+    """Command-line options; None means "the space file's ``search`` settings"."""
+
+    address: Optional[str] = None  # None: a local Ray; "auto"; "ray://host:10001"; "host:port"
+    storage_path: Optional[str] = None  # local folder, s3://, gs://, or an NFS path
+    resume: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # SearchSettings fields
+    num_cpus: Optional[int] = None  # for a local Ray
+    progress: bool = True
+
+
+def settings_with(space: SearchSpace, overrides: dict[str, Any]) -> SearchSettings:
+    from pydantic import ValidationError
+
+    from kdray.config import config_error_from
+
+    merged = space.search.model_dump() | {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return SearchSettings.model_validate(merged)
+    except ValidationError as e:
+        err = config_error_from(e, root=SearchSettings)
+        raise ConfigError(f"--{err.field.replace('_', '-')}", err.value, err.allowed) from None
+
+
+def default_storage() -> str:
+    return str(Path("kdray_results").resolve())
+
+
+# --------------------------------------------------------------------------------------------------
+# Ray
+
+
+def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
+    """Connect to a cluster, or start a local Ray bound to 127.0.0.1 with token auth."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                              "runtime_env": {"env_vars": {"KDRAY_CACHE_DIR": os.environ.get("KDRAY_CACHE_DIR", "")}}}
+    if address is None:
+        # A local Ray (2.60+) turns token auth on by itself (RAY_AUTH_MODE=token, a generated token);
+        # the dashboard is off and the node binds to the loopback address.
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+        if os.environ.get("RAY_AUTH_MODE") != "token":
+            log.warning("local Ray started without token authentication (RAY_AUTH_MODE=%s)",
+                        os.environ.get("RAY_AUTH_MODE"))
+    else:
+        ray.init(address=address, **kwargs)
+
+
+class PruningAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna a trial stopped before ``max_epochs`` is PRUNED.
+
+    Ray's OptunaSearch tells a trial ASHA stopped as COMPLETE with its last, truncated score, so
+    TPE would learn from partial results as if final. Here per-epoch values are reported as
+    intermediate values (step = epoch) and a truncated trial is told PRUNED: TPE then ranks it by
+    its last intermediate value among pruned trials, as Optuna's own pruners do. A NaN final value
+    (which Optuna's ``tell`` rejects) is told as FAIL.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials or self.metric not in result:
+            return
+        value = result[self.metric]
+        if isinstance(value, float) and math.isfinite(value):
+            self._ot_trials[trial_id].report(value, int(result.get("epoch", result.get("training_iteration"))))
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        value = (result or {}).get(self.metric)
+        if error or value is None or not math.isfinite(float(value)):
+            state, value = (TrialState.FAIL, None) if error or value is not None else (TrialState.PRUNED, None)
+        elif int(result.get("epoch", 0)) < int(result.get("max_epochs", 0)):
+            state, value = TrialState.PRUNED, None
+        else:
+            state = TrialState.COMPLETE
+        self._ot_study.tell(ot_trial, value, state=state)
+        self._completed_trials.add(trial_id)
+
+
+def make_searcher(space: SearchSpace, s: SearchSettings):
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+
+    sampler = (optuna.samplers.TPESampler(seed=s.seed) if s.searcher == "tpe"
+               else optuna.samplers.RandomSampler(seed=s.seed))
+    searcher = PruningAwareOptunaSearch(space=DefineByRun(space), metric=space.metric, mode=space.mode,
+                                        sampler=sampler)
+    return ConcurrencyLimiter(searcher, max_concurrent=s.concurrency)
+
+
+def make_scheduler(space: SearchSpace, s: SearchSettings, max_epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if s.scheduler == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode, max_t=max_epochs,
+                         grace_period=min(s.grace_period, max_epochs), reduction_factor=s.reduction_factor)
+
+
+# --------------------------------------------------------------------------------------------------
+# the trial
+
+
+def trial(config: dict, *, shared: list, space_raw: dict, base_raw: dict, base_dir: str, max_epochs: int,
+          workers: int, cpus_per_worker: float, gpus_per_worker: float, storage_path: str) -> None:
+    """The Tune function trainable: one distillation run, reporting and checkpointing every epoch."""
+    import ray
+    import torch
+    from ray import tune
+
+    from kdray.run import run
+
+    space = SearchSpace.model_validate(space_raw)
+    raw = trial_raw(space, base_raw, config)
+    raw.setdefault("train", {}).update({"epochs": max_epochs, "progress": False})
+    prep_ref = shared[0]
+    if workers > 1:
+        from kdray.distributed import run_torchtrainer_trial
+
+        run_torchtrainer_trial(raw, prep_ref, num_workers=workers, cpus_per_worker=cpus_per_worker,
+                               gpus_per_worker=gpus_per_worker, name=f"train-{tune.get_context().get_trial_id()}",
+                               storage_path=storage_path, max_epochs=max_epochs)
+        return
+    cfg = parse_config(raw, base_dir)
+    prep = ray.get(prep_ref)
+    start = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start = torch.load(Path(d) / "state.pt", weights_only=True)
+
+    def report(metrics: dict, state_fn) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state_fn(), Path(d) / "state.pt")
+            tune.report({**metrics, "max_epochs": max_epochs, "resumed_from": start["epoch"] if start else 0},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+    run(cfg, prep, callbacks=(report,), start_state=start)
+
+
+# --------------------------------------------------------------------------------------------------
+# progress and results
+
+
+def _progress_callback(total: int, metric: str, mode: str, enabled: bool):
+    from ray.tune import Callback
+    from tqdm.auto import tqdm
+
+    class Progress(Callback):
+        """One bar over trials: done / running / pruned / errored and the best value so far."""
+
+        def __init__(self) -> None:
+            self.bar = tqdm(total=total, desc="trials", unit="trial", disable=not enabled, dynamic_ncols=True)
+            self.running, self.pruned, self.errored = set(), 0, 0
+            self.best: Optional[float] = None
+
+        def _show(self) -> None:
+            self.bar.set_postfix(running=len(self.running), pruned=self.pruned, errored=self.errored,
+                                 best=f"{self.best:.4f}" if self.best is not None else "-")
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            self.running.add(trial.trial_id)
+            self._show()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            v = result.get(metric)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                if self.best is None or (v > self.best if mode == "max" else v < self.best):
+                    self.best = v
+            self._show()
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.running.discard(trial.trial_id)
+            last = trial.last_result or {}
+            if last.get("epoch", 0) < last.get("max_epochs", 0):
+                self.pruned += 1
+            self.bar.update(1)
+            self._show()
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self.running.discard(trial.trial_id)
+            self.errored += 1
+            self.bar.update(1)
+            self._show()
+
+        def on_experiment_end(self, trials, **info) -> None:
+            self.bar.close()
+
+    return Progress()
+
+
+def results_frame(result_grid, space: SearchSpace) -> pd.DataFrame:
+    """One row per trial: status, the searched values, final and best metrics, epochs, error."""
+    rows = []
+    dims = dimensions(space)
+    for r in result_grid:
+        last = dict(r.metrics or {})
+        hist = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
+        cfg = r.config or {}
+        epochs = int(last.get("epoch", 0) or 0)
+        max_epochs = int(last.get("max_epochs", 0) or 0)
+        if r.error is not None:
+            status = "failed"
+        elif epochs and epochs < max_epochs:
+            status = "pruned"
+        elif epochs:
+            status = "finished"
+        else:
+            status = "killed"
+        row = {"trial_id": last.get("trial_id") or Path(r.path).name, "status": status,
+               **{f"param.{k}": _scalar(cfg.get(k)) for k in dims},
+               "epochs": epochs, "max_epochs": max_epochs,
+               space.metric: last.get(space.metric),
+               f"best_{space.metric}": (hist[space.metric].max() if space.mode == "max" else hist[space.metric].min())
+               if space.metric in hist else None,
+               "test_acc": last.get("test_acc"), "teacher_agreement": last.get("teacher_agreement"),
+               "epoch_time_s": hist["epoch_time_s"].mean() if "epoch_time_s" in hist else None,
+               "error": str(r.error).strip().splitlines()[-1][:300] if r.error is not None else None,
+               "path": r.path}
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df = df.sort_values(space.metric, ascending=space.mode == "min", na_position="last").reset_index(drop=True)
+    return df
+
+
+def _scalar(v: Any) -> Any:
+    from kdray.space import _decode
+
+    v = _decode(v)
+    return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+
+def read_results(experiment: str, storage_path: Optional[str] = None) -> pd.DataFrame:
+    """The results table of a finished search, by experiment folder or by name under the storage path."""
+    p = Path(experiment)
+    candidates = [p / RESULTS_FILE, p, Path(storage_path or default_storage()) / experiment / RESULTS_FILE]
+    for c in candidates:
+        if c.is_file():
+            return pd.read_parquet(c)
+    raise ConfigError("EXPERIMENT", experiment, f"a search folder holding {RESULTS_FILE} or a search name under "
+                                                f"{storage_path or default_storage()}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the driver
+
+
+@dataclass
+class SearchOutcome:
+    table: pd.DataFrame
+    experiment_path: str
+    baseline: Optional[dict] = None
+    seconds: float = 0.0
+
+
+def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
+    """Validate the space, prepare data and teacher once, run the Tune experiment, save the results."""
+    t0 = time.perf_counter()
+    space, base_raw, base_dir = load_space(space_path)
+    s = settings_with(space, opts.overrides)
+    first = check_space(space, base_raw, base_dir)  # every value and layer, before any trial or teacher
+    max_epochs = s.max_epochs or first.train.epochs
+    storage = opts.storage_path or default_storage()
+    exp_path = _join(storage, space.name)
+    if opts.resume and not _exists(exp_path):
+        raise ConfigError("--resume", exp_path, "the folder of an earlier search with the same name and storage")
+
+    import ray
+    from ray import tune
+
+    from kdray.run import prepare
+
+    init_ray(opts.address, opts.num_cpus)
+    prep = prepare(first)
+    log.info("teacher and data prepared once (%s); sharing them through the object store",
+             prep.teacher_info.get("source", "no teacher"))
+    shared = [ray.put(prep)]
+    trainable = tune.with_parameters(
+        trial, shared=shared, space_raw=space.model_dump(mode="json", by_alias=True), base_raw=base_raw,
+        base_dir=str(base_dir), max_epochs=max_epochs, workers=s.workers_per_trial,
+        cpus_per_worker=s.cpus_per_worker, gpus_per_worker=s.gpus_per_worker, storage_path=storage)
+    if s.workers_per_trial == 1:
+        resources: Any = {"cpu": s.cpus_per_worker, "gpu": s.gpus_per_worker}
+    else:
+        from kdray.distributed import tune_resources_for
+
+        resources = tune_resources_for(s.workers_per_trial, s.cpus_per_worker, s.gpus_per_worker)
+    trainable = tune.with_resources(trainable, resources)
+    progress = _progress_callback(s.num_trials, space.metric, space.mode, opts.progress)
+    if opts.resume:
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=make_searcher(space, s),
+                                        scheduler=make_scheduler(space, s, max_epochs), num_samples=s.num_trials),
+            run_config=tune.RunConfig(
+                name=space.name, storage_path=storage, verbose=0, callbacks=[progress],
+                failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    grid = tuner.fit()
+    table = results_frame(grid, space)
+    out = _join(exp_path, RESULTS_FILE)
+    table.to_parquet(out) if "://" in out else _write_parquet(table, Path(out))
+    return SearchOutcome(table, exp_path, seconds=time.perf_counter() - t0)
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    df.to_parquet(tmp)
+    os.replace(tmp, path)
+    df.to_csv(path.with_suffix(".csv"), index=False)
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts]) if "://" in base else str(Path(base, *parts))
+
+
+def _exists(path: str) -> bool:
+    if "://" not in path:
+        return Path(path).exists()
+    import pyarrow.fs as pafs
+
+    fs, p = pafs.FileSystem.from_uri(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def top_table(df: pd.DataFrame, metric: str, n: int = 10) -> str:
+    from kdray.report import fmt, table
+
+    cols = ["trial_id", "status", *[c for c in df.columns if c.startswith("param.")], metric, f"best_{metric}",
+            "test_acc", "epochs"]
+    cols = [c for c in cols if c in df.columns]
+    rows = [[fmt(v) for v in r] for r in df[cols].head(n).itertuples(index=False)]
+    return table(rows, [c.removeprefix("param.") for c in cols])
+
+
+def status_counts(df: pd.DataFrame) -> dict[str, int]:
+    return {k: int(v) for k, v in df["status"].value_counts().items()} if not df.empty else {}
+
+
+__all__ = ["SearchOptions", "run_search", "read_results", "top_table", "KdrayError"]

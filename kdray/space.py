@@ -1,0 +1,277 @@
+"""Search space files: which dimensions a search explores, and how a trial's values become a config.
+
+A space YAML names a base experiment config and the dimensions to search:
+
+* ``methods`` — the method dimension. Each entry is a list of term templates (the trial's
+  ``distill.terms``); any value inside a template may be a dimension, and those dimensions exist only
+  when that method is drawn (conditional, Optuna define-by-run). ``pair`` in a template sets
+  ``teacher_layers`` and ``student_layers`` together from a ``[teacher, student]`` choice.
+* ``params`` — other dimensions by dotted config path (``train.optimizer.lr``, ``distill.ce_weight``).
+
+A dimension is ``{choice: [...]}``, ``{float: [low, high], log: bool, step: x}`` or
+``{int: [low, high], log: bool}``; anything else is a constant. :func:`check_space` validates the whole
+space before a trial starts: every value against the config rules and every layer against the real
+model architectures on one batch.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Union
+
+from pydantic import Field, ValidationError, model_validator
+
+from kdray.config import (ExperimentConfig, Strict, config_error_from, parse_config, read_yaml, set_dotted)
+from kdray.errors import ConfigError
+
+DIM_KEYS = {"choice", "float", "int", "log", "step"}
+
+
+class Dim(Strict):
+    choice: Optional[list[Any]] = None
+    float_: Optional[tuple[float, float]] = Field(None, alias="float")
+    int_: Optional[tuple[int, int]] = Field(None, alias="int")
+    log: bool = False
+    step: Optional[float] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Dim":
+        kinds = [k for k in (self.choice, self.float_, self.int_) if k is not None]
+        if len(kinds) != 1:
+            raise ValueError("a dimension has exactly one of choice, float or int")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one option")
+        rng = self.float_ or self.int_
+        if rng is not None:
+            if rng[0] >= rng[1]:
+                raise ValueError(f"range [{rng[0]}, {rng[1]}] needs low < high")
+            if self.log and rng[0] <= 0:
+                raise ValueError(f"a log range needs low > 0, got {rng[0]}")
+        return self
+
+    def corners(self) -> list[Any]:
+        """The values checked before the search: every choice, or both ends of a range."""
+        return list(self.choice) if self.choice is not None else list(self.float_ or self.int_)
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        if self.choice is not None:
+            encoded = [_encode(c) for c in self.choice]
+            return _decode(trial.suggest_categorical(name, encoded))
+        if self.int_ is not None:
+            return trial.suggest_int(name, self.int_[0], self.int_[1], log=self.log)
+        return trial.suggest_float(name, self.float_[0], self.float_[1], log=self.log, step=self.step)
+
+
+def _encode(v: Any) -> Any:
+    """Optuna choices must be scalars: lists/dicts travel as JSON strings."""
+    return v if v is None or isinstance(v, (bool, int, float, str)) else "json:" + json.dumps(v)
+
+
+def _decode(v: Any) -> Any:
+    return json.loads(v[5:]) if isinstance(v, str) and v.startswith("json:") else v
+
+
+def is_dim(v: Any) -> bool:
+    return isinstance(v, dict) and bool(v) and set(v) <= DIM_KEYS and bool({"choice", "float", "int"} & set(v))
+
+
+class SearchSettings(Strict):
+    """Defaults for ``kdray search`` options (the command line overrides them)."""
+
+    num_trials: int = Field(16, ge=1)
+    concurrency: int = Field(2, ge=1)
+    max_epochs: Optional[int] = Field(None, ge=1)  # default: the base config's train.epochs
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(2, ge=1)
+    reduction_factor: float = Field(2, gt=1)
+    searcher: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    workers_per_trial: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    max_failures: int = Field(1, ge=0)  # retries of a failed trial, from its last checkpoint
+
+
+class SearchSpace(Strict):
+    name: str = Field(min_length=1)
+    base: str  # experiment config, relative to the space file
+    metric: str = "val_acc"
+    mode: Literal["max", "min"] = "max"
+    methods: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    search: SearchSettings = Field(default_factory=SearchSettings)
+    registered_model: Optional[str] = None  # MLflow registered model name (default "<name>-student")
+
+
+# --------------------------------------------------------------------------------------------------
+# the dimensions of a space
+
+
+def _walk(tree: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """(path, value) for every leaf of a template; dimensions are leaves."""
+    if is_dim(tree) or not isinstance(tree, (dict, list)):
+        yield path, tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _walk(v, path + (k,))
+    else:
+        for i, v in enumerate(tree):
+            yield from _walk(v, path + (i,))
+
+
+def _field(path: tuple) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else ("." if out else "") + str(p)
+    return out
+
+
+def dimensions(space: SearchSpace) -> dict[str, tuple[str, Dim]]:
+    """Every dimension: trial parameter name -> (field in the space file, parsed Dim).
+
+    Names: ``method``, ``<method>.<term index>.<key path>`` and the dotted config paths of ``params``.
+    """
+    dims: dict[str, tuple[str, Dim]] = {}
+
+    def parse(field: str, raw: dict) -> Dim:
+        try:
+            return Dim.model_validate(raw)
+        except ValidationError as e:
+            err = config_error_from(e, root=Dim)
+            raise ConfigError(field, raw, err.allowed) from None
+
+    if space.methods:
+        dims["method"] = ("methods", Dim(choice=list(space.methods)))
+    for m, terms in space.methods.items():
+        for path, value in _walk(terms):
+            if is_dim(value):
+                name = ".".join([m, *map(str, path)])
+                dims[name] = (f"methods.{m}{_field(path)}", parse(f"methods.{m}{_field(path)}", value))
+    for key, value in space.params.items():
+        if key.split(".")[0] in ("data", "teacher", "cache_dir", "output_dir"):
+            raise ConfigError(f"params.{key}", value, "a student, distill or train setting: one search shares "
+                                                      "one data set and one teacher")
+        if is_dim(value):
+            dims[key] = (f"params.{key}", parse(f"params.{key}", value))
+    return dims
+
+
+class DefineByRun:
+    """The Optuna define-by-run function: method first, then only that method's dimensions.
+
+    A class, not a closure, so Ray can pickle the searcher's state for ``--resume``.
+    """
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+        self.dims = dimensions(space)
+
+    def __call__(self, trial: Any) -> None:
+        method = self.dims["method"][1].suggest(trial, "method") if "method" in self.dims else None
+        for name, (_, dim) in self.dims.items():
+            if name != "method" and (name in self.space.params or name.split(".")[0] == method):
+                dim.suggest(trial, name)
+        return None
+
+
+def trial_raw(space: SearchSpace, base_raw: dict, values: dict[str, Any]) -> dict:
+    """The experiment config dict of a trial: the base with the drawn values applied."""
+    raw = copy.deepcopy(base_raw)
+    raw["name"] = space.name
+    if space.methods:
+        method = values["method"]
+        terms = copy.deepcopy(space.methods[method])
+        for path, leaf in list(_walk(terms)):
+            if is_dim(leaf):
+                _set_path(terms, path, _decode(values[".".join([method, *map(str, path)])]))
+        for term in terms:
+            pair = term.pop("pair", None) if isinstance(term, dict) else None
+            if pair is not None:
+                if not (isinstance(pair, list) and len(pair) == 2):
+                    raise ConfigError(f"methods.{method}.pair", pair, "a [teacher_layer, student_layer] pair")
+                term["teacher_layers"], term["student_layers"] = [pair[0]], [pair[1]]
+        raw.setdefault("distill", {})["terms"] = terms
+    for key, value in space.params.items():
+        set_dotted(raw, key, _decode(values[key]) if is_dim(value) else value)
+    return raw
+
+
+def _set_path(tree: Any, path: tuple, value: Any) -> None:
+    for p in path[:-1]:
+        tree = tree[p]
+    tree[path[-1]] = value
+
+
+# --------------------------------------------------------------------------------------------------
+# loading and checking
+
+
+def load_space(path: str | Path) -> tuple[SearchSpace, dict, Path]:
+    """The parsed space, the base config dict, and the base config's folder."""
+    raw = read_yaml(path, "search space")
+    try:
+        space = SearchSpace.model_validate(raw)
+    except ValidationError as e:
+        raise config_error_from(e, root=SearchSpace) from None
+    base_path = (Path(path).parent / space.base).resolve()
+    if not base_path.is_file():
+        raise ConfigError("base", space.base, f"an experiment config file (looked for {base_path})")
+    base_raw = read_yaml(base_path, "base")
+    dimensions(space)  # dimension syntax errors surface here
+    return space, base_raw, base_path.parent
+
+
+def corner_values(space: SearchSpace) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Trial values covering every choice and both ends of every range, one dimension at a time
+    (the others at their first value): (field being varied, values)."""
+    dims = dimensions(space)
+    first = {n: d.corners()[0] for n, (_, d) in dims.items()}
+    methods = list(space.methods) or [None]
+    for m in methods:
+        base = dict(first, method=m) if m is not None else dict(first)
+        owned = [n for n in dims if n != "method" and (n in space.params or n.split(".")[0] == m)]
+        yield (f"methods.{m}" if m else "params"), base
+        for n in owned:
+            for v in dims[n][1].corners():
+                yield dims[n][0], dict(base, **{n: _encode(v)})
+
+
+def check_space(space: SearchSpace, base_raw: dict, base_dir: Path) -> ExperimentConfig:
+    """Validate every corner of the space (config rules, then layers on one batch of real inputs).
+
+    Returns the parsed config of the first corner. Raises ConfigError naming the space field.
+    """
+    import torch
+
+    from kdray.data import make_bundle
+    from kdray.models import build_model
+    from kdray.run import build_distiller
+
+    checked: list[ExperimentConfig] = []
+    for field, values in corner_values(space):
+        try:
+            cfg = parse_config(trial_raw(space, base_raw, values), base_dir)
+        except ConfigError as e:
+            raise ConfigError(f"{field} -> {e.field}", e.value, e.allowed) from None
+        checked.append(cfg)
+    first = checked[0]
+    bundle = make_bundle(first.data, first.cache_dir)
+    example = bundle.x_train[: min(8, len(bundle.x_train))]
+    teacher = build_model(first.teacher.model, bundle.num_classes) if first.teacher else None
+    seen = set()
+    for cfg in checked:
+        key = json.dumps([cfg.student.model_dump(), cfg.distill.model_dump()], sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            with torch.no_grad():
+                build_distiller(cfg, teacher, bundle.num_classes, example, bundle.name).close()
+        except ConfigError as e:
+            raise ConfigError(f"{e.field} (trial values {_describe(cfg)})", e.value, e.allowed) from None
+    return first
+
+
+def _describe(cfg: ExperimentConfig) -> str:
+    return "; ".join(f"{t.method} t={t.teacher_layers} s={t.student_layers}" for t in cfg.distill.terms) or "no terms"

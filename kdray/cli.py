@@ -93,6 +93,7 @@ def add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-baseline", action="store_true", help="skip the hard-label student trained for comparison")
     p.set_defaults(func=cmd_search)
 
 
@@ -105,12 +106,17 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     opts = SearchOptions(address=args.address, storage_path=args.storage_path, resume=args.resume,
                          overrides={k: getattr(args, k) for k in SEARCH_SETTINGS}, num_cpus=args.num_cpus,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, baseline=not args.no_baseline)
     outcome = run_search(args.space, opts)
     metric = next(c for c in outcome.table.columns if c.startswith("best_")).removeprefix("best_") \
         if not outcome.table.empty else "val_acc"
     print(top_table(outcome.table, metric))
     print(f"trials: {status_counts(outcome.table)}; {outcome.seconds:.0f} s; results in {outcome.experiment_path}")
+    if outcome.baseline and not outcome.table.empty:
+        best = outcome.table.iloc[0]
+        print(f"best trial {best['trial_id']}: {metric} {best[metric]:.4f}, test_acc {best['test_acc']:.4f} | "
+              f"hard-label student: {metric} {outcome.baseline['final_val_acc']:.4f}, "
+              f"test_acc {outcome.baseline['test_acc']:.4f}")
     return 0
 
 

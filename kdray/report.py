@@ -13,7 +13,7 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
 
 def fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}"
+        return "-" if v != v else f"{v:.4f}"
     return "-" if v is None else str(v)
 
 

@@ -41,6 +41,7 @@ class SearchOptions:
     overrides: dict[str, Any] = field(default_factory=dict)  # SearchSettings fields
     num_cpus: Optional[int] = None  # for a local Ray
     progress: bool = True
+    baseline: bool = True  # also train the hard-label student of the base config, for comparison
 
 
 def settings_with(space: SearchSpace, overrides: dict[str, Any]) -> SearchSettings:
@@ -104,6 +105,8 @@ class PruningAwareOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
+        if result and not error:
+            self.on_trial_result(trial_id, result)  # Tune hands the last result only to this method
         value = (result or {}).get(self.metric)
         if error or value is None or not math.isfinite(float(value)):
             state, value = (TrialState.FAIL, None) if error or value is not None else (TrialState.PRUNED, None)
@@ -288,8 +291,20 @@ def read_results(experiment: str, storage_path: Optional[str] = None) -> pd.Data
 class SearchOutcome:
     table: pd.DataFrame
     experiment_path: str
-    baseline: Optional[dict] = None
+    baseline: Optional[dict] = None  # the hard-label student of the same base config
     seconds: float = 0.0
+    study: Any = None  # the Optuna study (None after --resume: Ray restores the searcher internally)
+
+
+def hard_label_baseline(space: SearchSpace, base_raw: dict, base_dir: Path, prep, max_epochs: int) -> dict:
+    """The student of the base config trained on the labels alone, for comparison with the trials."""
+    from kdray.run import run
+
+    raw = trial_raw(space.model_copy(update={"methods": {}, "params": {}}), base_raw, {})
+    raw.setdefault("distill", {}).update({"terms": [], "ce_weight": 1.0, "scheme": "offline"})
+    raw.setdefault("train", {}).update({"epochs": max_epochs, "progress": False})
+    s = run(parse_config(raw, base_dir), prep)
+    return {"test_acc": s.test_acc, "best_val_acc": s.best_val_acc, "final_val_acc": s.final_val_acc}
 
 
 def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
@@ -326,12 +341,15 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
         resources = tune_resources_for(s.workers_per_trial, s.cpus_per_worker, s.gpus_per_worker)
     trainable = tune.with_resources(trainable, resources)
     progress = _progress_callback(s.num_trials, space.metric, space.mode, opts.progress)
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    searcher = None
     if opts.resume:
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
     else:
+        searcher = make_searcher(space, s)
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=make_searcher(space, s),
+            tune_config=tune.TuneConfig(search_alg=searcher,
                                         scheduler=make_scheduler(space, s, max_epochs), num_samples=s.num_trials),
             run_config=tune.RunConfig(
                 name=space.name, storage_path=storage, verbose=0, callbacks=[progress],
@@ -341,7 +359,9 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
     table = results_frame(grid, space)
     out = _join(exp_path, RESULTS_FILE)
     table.to_parquet(out) if "://" in out else _write_parquet(table, Path(out))
-    return SearchOutcome(table, exp_path, seconds=time.perf_counter() - t0)
+    baseline = hard_label_baseline(space, base_raw, base_dir, prep, max_epochs) if opts.baseline else None
+    study = searcher.searcher._ot_study if searcher is not None else None
+    return SearchOutcome(table, exp_path, baseline, time.perf_counter() - t0, study)
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:

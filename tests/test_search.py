@@ -1,0 +1,142 @@
+"""kdray search on a real local Ray: TPE + ASHA, pruned trials told to Optuna as PRUNED, results,
+space validation before any trial, and interrupt + resume without rerunning finished trials."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from kdray.cli import main
+from kdray.errors import ConfigError
+from kdray.search import SearchOptions, read_results, run_search
+
+SPACE = {
+    "name": "tiny-search",
+    "base": "base.yaml",
+    "methods": {
+        "hard": [],
+        "kd": [{"method": "kd", "temperature": {"float": [1.0, 8.0], "log": True}}],
+        "probe_kd": [{"method": "probe_kd", "teacher_layers": {"choice": ["relu2", "relu3"]},
+                      "options": {"pooling": {"choice": ["mean", "flatten"]}}}],
+        "fitnet": [{"method": "fitnet", "pair": {"choice": [["relu2", "relu2"], ["relu3", "relu3"]]}}],
+    },
+    "params": {"train.optimizer.lr": {"float": [0.003, 0.03], "log": True}},
+    "search": {"num_trials": 6, "concurrency": 2, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
+}
+
+
+def write_space(tmp_path: Path, raw_base: dict, **changes) -> Path:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(raw_base))
+    space = json.loads(json.dumps(SPACE))
+    space.update(changes)
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump(space))
+    return p
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_shutdown():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def test_search_prunes_with_asha_and_tells_optuna_pruned(tmp_path, tiny_raw):
+    space = write_space(tmp_path, tiny_raw)
+    out = run_search(str(space), SearchOptions(storage_path=str(tmp_path / "results"), num_cpus=2, progress=False))
+    df = out.table
+    assert len(df) == 6 and set(df["status"]) <= {"finished", "pruned"}
+    assert (df["status"] == "pruned").sum() >= 1, df[["status", "epochs"]]
+    assert (df["status"] == "finished").sum() >= 1
+    assert (df.loc[df.status == "finished", "epochs"] == 4).all()
+    assert (df.loc[df.status == "pruned", "epochs"] < 4).all()
+    assert df.loc[df.status == "finished", "test_acc"].notna().all()
+    # the Optuna study saw the same: pruned trials PRUNED (with intermediate values), never COMPLETE
+    trials = out.study.trials
+    states = [t.state for t in trials]
+    assert states.count(TrialState.PRUNED) == (df["status"] == "pruned").sum()
+    assert states.count(TrialState.COMPLETE) == (df["status"] == "finished").sum()
+    for t in trials:
+        assert t.intermediate_values, "per-epoch values are reported to Optuna"
+        if t.state == TrialState.COMPLETE:
+            assert max(t.intermediate_values) == 4 and t.value == t.intermediate_values[4]
+        else:
+            assert max(t.intermediate_values) < 4
+    # conditional dimensions: a trial has only the dimensions of its method
+    for t in trials:
+        m = t.params["method"]
+        assert all(k in ("method", "train.optimizer.lr") or k.startswith(m + ".") for k in t.params)
+    # results saved next to the experiment, readable again, with the hard-label baseline computed
+    again = read_results("tiny-search", str(tmp_path / "results"))
+    assert list(again["trial_id"]) == list(df["trial_id"])
+    assert (tmp_path / "results" / "tiny-search" / "results.csv").is_file()
+    assert 0 < out.baseline["test_acc"] <= 1
+    assert main(["results", "tiny-search", "--storage-path", str(tmp_path / "results"), "--sort", "epochs"]) == 0
+
+
+def test_bad_layer_in_space_stops_before_any_trial(tmp_path, tiny_raw, capsys):
+    methods = dict(SPACE["methods"])
+    methods["probe_kd"] = [{"method": "probe_kd", "teacher_layers": {"choice": ["relu2", "relu7"]}}]
+    space = write_space(tmp_path, tiny_raw, methods=methods)
+    code = main(["search", str(space), "--storage-path", str(tmp_path / "results"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "relu7" in err and "teacher_layers" in err and "relu2" in err
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"params": {"distill.temperature": {"float": [0.0, 4.0]}}}, "distill.temperature"),
+    ({"params": {"data.label_fraction": {"float": [0.1, 0.5]}}}, "params.data.label_fraction"),
+    ({"params": {"train.optimizer.lr": {"float": [0.1, 0.01]}}}, "params.train.optimizer.lr"),
+    ({"methods": {"kd": [{"method": "kd", "weight": {"choice": []}}]}}, "methods.kd[0].weight"),
+])
+def test_bad_values_in_space_exit_2(tmp_path, tiny_raw, capsys, change, field):
+    space = write_space(tmp_path, tiny_raw, **change)
+    assert main(["search", str(space), "--storage-path", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert field in capsys.readouterr().err
+
+
+def _finished_epochs(exp: Path) -> dict[str, list[int]]:
+    """trial folder -> the epochs it reported, for trials that reported their last epoch."""
+    out = {}
+    for f in exp.glob("*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if rows and rows[-1].get("epoch") == rows[-1].get("max_epochs"):
+            out[f.parent.name] = [r["epoch"] for r in rows]
+    return out
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, tiny_raw):
+    space = write_space(tmp_path, tiny_raw, search={**SPACE["search"], "num_trials": 5, "concurrency": 1,
+                                                    "scheduler": "none", "max_epochs": 3})
+    storage = tmp_path / "results"
+    cmd = [sys.executable, "-m", "kdray.cli", "search", str(space), "--storage-path", str(storage),
+           "--no-progress", "--no-baseline", "--num-cpus", "2"]
+    env = dict(os.environ)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    exp = storage / "tiny-search"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(_finished_epochs(exp)) < 2:
+        time.sleep(0.5)
+    assert len(_finished_epochs(exp)) >= 2, proc.stdout.read().decode()[-3000:] if proc.poll() is not None else ""
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    before = _finished_epochs(exp)
+    assert 2 <= len(before) < 5
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    after = _finished_epochs(exp)
+    assert len(after) == 5
+    for trial, epochs in before.items():
+        assert after[trial] == epochs == [1, 2, 3]  # not one more report: it did not run again
+    df = read_results(str(exp))
+    assert (df["status"] == "finished").sum() == 5

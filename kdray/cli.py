@@ -94,6 +94,12 @@ def add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-baseline", action="store_true", help="skip the hard-label student trained for comparison")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///mlflow.db in the working directory)")
+    p.add_argument("--experiment", help="MLflow experiment name (default: the space's name)")
+    p.add_argument("--register-top", type=int, default=1, metavar="K",
+                   help="register the students of the K best finished trials (default 1; 0: none)")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_search)
 
 
@@ -104,9 +110,15 @@ SEARCH_SETTINGS = ("num_trials", "concurrency", "workers_per_trial", "cpus_per_w
 def cmd_search(args: argparse.Namespace) -> int:
     from kdray.search import SearchOptions, run_search, status_counts, top_table
 
+    if args.register_top < 0:
+        from kdray.errors import ConfigError
+
+        raise ConfigError("--register-top", args.register_top, "0 (register nothing) or more")
     opts = SearchOptions(address=args.address, storage_path=args.storage_path, resume=args.resume,
                          overrides={k: getattr(args, k) for k in SEARCH_SETTINGS}, num_cpus=args.num_cpus,
-                         progress=not args.no_progress, baseline=not args.no_baseline)
+                         progress=not args.no_progress, baseline=not args.no_baseline,
+                         tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                         register_top=args.register_top)
     outcome = run_search(args.space, opts)
     metric = next(c for c in outcome.table.columns if c.startswith("best_")).removeprefix("best_") \
         if not outcome.table.empty else "val_acc"
@@ -117,6 +129,34 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"best trial {best['trial_id']}: {metric} {best[metric]:.4f}, test_acc {best['test_acc']:.4f} | "
               f"hard-label student: {metric} {outcome.baseline['final_val_acc']:.4f}, "
               f"test_acc {outcome.baseline['test_acc']:.4f}")
+    if outcome.mlflow_run_id:
+        print(f"MLflow: search run {outcome.mlflow_run_id}")
+    for r in outcome.registered:
+        print(f"registered model {r['name']} version {r['version']}{' @' + r['alias'] if r['alias'] else ''} "
+              f"<- trial {r['trial_id']} (rank {r['rank']}, run {r['run_id']})")
+    return 0
+
+
+@command
+def add_promote(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("promote", help="point an alias of a registered model at a version (e.g. champion)")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--alias", required=True, help="the alias to set, e.g. champion")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--version", help="the model version to promote")
+    src.add_argument("--from-alias", help="promote the version this alias points to (default: challenger)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///mlflow.db in the working directory)")
+    p.set_defaults(func=cmd_promote)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from kdray.model_registry import promote
+
+    mv, before = promote(args.name, args.alias, version=args.version, from_alias=args.from_alias,
+                         tracking_uri=args.tracking_uri)
+    moved = f" (was version {before})" if before and before != str(mv.version) else ""
+    print(f"{args.name}@{args.alias} -> version {mv.version}{moved}")
     return 0
 
 

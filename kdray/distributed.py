@@ -128,6 +128,19 @@ def _replica_spread(module: torch.nn.Module, device: torch.device) -> float:
     return float(t[0] + t[1])
 
 
+def _gather_node_ids(world: int) -> list[str]:
+    """The Ray node id of every rank (a collective: every rank must call it)."""
+    import ray
+    import torch.distributed as dist
+
+    mine = ray.get_runtime_context().get_node_id()
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    out: list = [None] * world
+    dist.all_gather_object(out, mine)
+    return out
+
+
 def _load_start_state() -> Optional[dict[str, Any]]:
     import ray.train
 
@@ -169,6 +182,7 @@ def worker_loop(config: dict) -> None:
         log.info("rank %d resumes after epoch %s", rank, start_state.get("epoch"))
 
     wrapped: dict[str, torch.nn.Module] = {}
+    node_ids = _gather_node_ids(world)  # which Ray nodes the ranks run on (reported as num_nodes)
 
     def wrap(distiller: torch.nn.Module) -> torch.nn.Module:
         wrapped["distiller"] = distiller
@@ -182,6 +196,7 @@ def worker_loop(config: dict) -> None:
         out = dict(metrics)
         out["world_size"] = world
         out["replica_param_spread"] = _replica_spread(wrapped["distiller"], device)
+        out["num_nodes"] = len(set(node_ids))
         if rank != 0:
             ray.train.report(out, checkpoint=None)
             return
@@ -198,7 +213,7 @@ def worker_loop(config: dict) -> None:
 
 def run_torchtrainer_trial(raw: dict, prep_ref: Any, *, num_workers: int, cpus_per_worker: float,
                            gpus_per_worker: float, name: str, storage_path: str, max_epochs: Optional[int],
-                           max_failures: int = 1) -> None:
+                           max_failures: int = 0) -> None:
     """Run one trial as a TorchTrainer of ``num_workers`` DDP workers; call from a Tune function trainable.
 
     Every epoch reaches Tune (rank 0's metrics, plus ``checkpoint_path``) through ``TuneReportCallback``.
@@ -206,9 +221,13 @@ def run_torchtrainer_trial(raw: dict, prep_ref: Any, *, num_workers: int, cpus_p
     that a restarted trial resumes from the run's last checkpoint. ``storage_path`` must be shared storage
     (NFS, s3://, gs://) on a multi-node cluster. ``prep_ref`` is an ObjectRef to a
     :class:`kdray.run.Prepared` (a Prepared is put in the object store here). ``max_epochs`` overrides
-    ``train.epochs`` when not None. Worker failures are retried ``max_failures`` times from the last
-    checkpoint; then a :class:`DistributedTrialError` (or the worker's own kdray error, such as a
-    :class:`~kdray.errors.DivergedError`) is raised.
+    ``train.epochs`` when not None.
+
+    Worker failures are retried ``max_failures`` times from the last checkpoint (default 0: kdray's own
+    errors are deterministic, node preemptions are retried by Train separately, and a Tune-level
+    ``FailureConfig`` restarts the whole trial, which resumes through ``name``). Then the worker's kdray
+    error (ConfigError, DivergedError ...) is raised as itself, any other failure as a
+    :class:`DistributedTrialError`.
     """
     import ray
     import ray.train
@@ -242,7 +261,7 @@ def run_torchtrainer_trial(raw: dict, prep_ref: Any, *, num_workers: int, cpus_p
 
 def _trial_error(name: str, num_workers: int, error: BaseException) -> Exception:
     """The kdray error a worker raised (config problem, divergence) if any, else a DistributedTrialError."""
-    for failure in (getattr(error, "worker_failures", None) or {}).values():
+    for _, failure in sorted((getattr(error, "worker_failures", None) or {}).items()):
         for e in (failure, getattr(failure, "cause", None), getattr(failure, "__cause__", None)):
             if isinstance(e, KdrayError):
                 return e

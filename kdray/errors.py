@@ -19,6 +19,9 @@ class ConfigError(KdrayError):
         self.field, self.value, self.allowed = field, value, allowed
         super().__init__(f"{field}: got {value!r}; allowed: {allowed}")
 
+    def __reduce__(self):  # picklable across Ray processes with its fields intact
+        return (type(self), (self.field, self.value, self.allowed))
+
 
 class DivergedError(KdrayError):
     """A loss term became NaN or infinite."""
@@ -26,3 +29,6 @@ class DivergedError(KdrayError):
     def __init__(self, epoch: int, term: str, value: float):
         self.epoch, self.term, self.value = epoch, term, value
         super().__init__(f"diverged: loss term {term!r} is {value} at epoch {epoch}")
+
+    def __reduce__(self):
+        return (type(self), (self.epoch, self.term, self.value))

@@ -42,6 +42,10 @@ class SearchOptions:
     num_cpus: Optional[int] = None  # for a local Ray
     progress: bool = True
     baseline: bool = True  # also train the hard-label student of the base config, for comparison
+    tracking: bool = True  # MLflow: a parent run per search, a child run per trial, registered students
+    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
+    experiment: Optional[str] = None  # MLflow experiment (default: the space's name)
+    register_top: int = 1  # register the students of the K best finished trials (0: none)
 
 
 def settings_with(space: SearchSpace, overrides: dict[str, Any]) -> SearchSettings:
@@ -294,6 +298,8 @@ class SearchOutcome:
     baseline: Optional[dict] = None  # the hard-label student of the same base config
     seconds: float = 0.0
     study: Any = None  # the Optuna study (None after --resume: Ray restores the searcher internally)
+    registered: list = field(default_factory=list)  # [{name, version, trial_id, run_id, rank, alias}]
+    mlflow_run_id: Optional[str] = None  # the search's parent run
 
 
 def hard_label_baseline(space: SearchSpace, base_raw: dict, base_dir: Path, prep, max_epochs: int) -> dict:
@@ -318,6 +324,13 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
     exp_path = _join(storage, space.name)
     if opts.resume and not _exists(exp_path):
         raise ConfigError("--resume", exp_path, "the folder of an earlier search with the same name and storage")
+    tracker = None
+    if opts.tracking:  # the tracking URI must answer before any trial (or teacher training) starts
+        from kdray.tracking import SearchTracker, connect, resolve_tracking_uri
+
+        connect(opts.tracking_uri)
+        tracker = SearchTracker(resolve_tracking_uri(opts.tracking_uri)[0], opts.experiment or space.name, space,
+                                base_raw, base_dir)
 
     import ray
     from ray import tune
@@ -340,28 +353,51 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
 
         resources = tune_resources_for(s.workers_per_trial, s.cpus_per_worker, s.gpus_per_worker)
     trainable = tune.with_resources(trainable, resources)
-    progress = _progress_callback(s.num_trials, space.metric, space.mode, opts.progress)
+    callbacks = [_progress_callback(s.num_trials, space.metric, space.mode, opts.progress)]
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     searcher = None
-    if opts.resume:
-        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        searcher = make_searcher(space, s)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher,
-                                        scheduler=make_scheduler(space, s, max_epochs), num_samples=s.num_trials),
-            run_config=tune.RunConfig(
-                name=space.name, storage_path=storage, verbose=0, callbacks=[progress],
-                failure_config=tune.FailureConfig(max_failures=s.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-    grid = tuner.fit()
-    table = results_frame(grid, space)
-    out = _join(exp_path, RESULTS_FILE)
-    table.to_parquet(out) if "://" in out else _write_parquet(table, Path(out))
-    baseline = hard_label_baseline(space, base_raw, base_dir, prep, max_epochs) if opts.baseline else None
+    registered: list = []
+    try:
+        if tracker is not None:
+            from kdray.tracking import MlflowSearchCallback
+
+            tracker.start(exp_path, resume=opts.resume, settings=s.model_dump(mode="json"), space_path=space_path,
+                          ray_address=opts.address, teacher_info=prep.teacher_info,
+                          num_classes=prep.bundle.num_classes)
+            callbacks.append(MlflowSearchCallback(tracker))
+        if opts.resume:
+            tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
+            if getattr(tuner, "_local_tuner", None) is not None:  # this run's callbacks, not the pickled ones
+                tuner._local_tuner.get_run_config().callbacks = callbacks
+        else:
+            searcher = make_searcher(space, s)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(space, s, max_epochs),
+                                            num_samples=s.num_trials),
+                run_config=tune.RunConfig(
+                    name=space.name, storage_path=storage, verbose=0, callbacks=callbacks,
+                    failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        grid = tuner.fit()
+        table = results_frame(grid, space)
+        out = _join(exp_path, RESULTS_FILE)
+        table.to_parquet(out) if "://" in out else _write_parquet(table, Path(out))
+        baseline = hard_label_baseline(space, base_raw, base_dir, prep, max_epochs) if opts.baseline else None
+        if tracker is not None:
+            example = prep.bundle.x_test[:2].numpy()  # batch > 1: the exported model keeps a dynamic batch
+            table, registered = tracker.finish(grid, table, register_top=opts.register_top, input_example=example,
+                                               registered_model=space.registered_model, baseline=baseline,
+                                               expected_trials=s.num_trials)
+            if registered:
+                table.to_parquet(out) if "://" in out else _write_parquet(table, Path(out))
+    except BaseException as e:
+        if tracker is not None:
+            tracker.close_after_error(e)
+        raise
     study = searcher.searcher._ot_study if searcher is not None else None
-    return SearchOutcome(table, exp_path, baseline, time.perf_counter() - t0, study)
+    return SearchOutcome(table, exp_path, baseline, time.perf_counter() - t0, study, registered,
+                         tracker.parent_run_id if tracker is not None else None)
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
@@ -389,7 +425,7 @@ def top_table(df: pd.DataFrame, metric: str, n: int = 10) -> str:
     from kdray.report import fmt, table
 
     cols = ["trial_id", "status", *[c for c in df.columns if c.startswith("param.")], metric, f"best_{metric}",
-            "test_acc", "epochs"]
+            "test_acc", "epochs", "model_version"]
     cols = [c for c in cols if c in df.columns]
     rows = [[fmt(v) for v in r] for r in df[cols].head(n).itertuples(index=False)]
     return table(rows, [c.removeprefix("param.") for c in cols])

@@ -3,6 +3,9 @@ workers, reports every epoch to Tune, checkpoints from rank 0 and resumes from i
 from __future__ import annotations
 
 import copy
+import math
+import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from kdray.errors import ConfigError  # noqa: E402
 from kdray.models import build_model  # noqa: E402
 from kdray.run import prepare  # noqa: E402
 
+POLL_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRIAL_NAME = "kd-trial"  # the inner Train run's name; the search derives it from the Tune trial id
 
 
@@ -30,12 +34,20 @@ def _raw():
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A local Ray with 2 CPUs, the tiny experiment prepared once and put in the object store."""
+    # Train's controller polls its workers every 2 s by default, which adds seconds to the end of each
+    # run; polling faster keeps this module quick. Ray processes inherit the variable from ray.init.
+    old = os.environ.get(POLL_VAR)
+    os.environ[POLL_VAR] = "0.2"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         prep = prepare(parse_config(_raw()))
         yield {"prep": prep, "ref": ray.put(prep), "storage": str(tmp_path_factory.mktemp("ray-storage"))}
     finally:
         ray.shutdown()
+        if old is None:
+            os.environ.pop(POLL_VAR, None)
+        else:
+            os.environ[POLL_VAR] = old
 
 
 def _search(cluster, experiment: str, max_epochs: int):
@@ -52,7 +64,9 @@ def _search(cluster, experiment: str, max_epochs: int):
     grid = tuner.fit()
     assert grid.num_errors == 0, grid.errors
     result = grid[0]
-    return result, result.metrics_dataframe.to_dict("records")
+    rows = [{k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))}  # absent metrics
+            for r in result.metrics_dataframe.to_dict("records")]
+    return result, rows
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +128,23 @@ def test_resources_of_the_tune_trial():
     assert tune_resources_for(1, 2, 0.5) == {"cpu": 2.0, "gpu": 0.5}
     with pytest.raises(ConfigError):
         tune_resources_for(0, 1, 0)
+
+
+def test_a_workers_kdray_error_reaches_the_driver_as_itself():
+    # kdray's errors pickle with their fields (Ray sends them between processes); the driver raises the
+    # original class with its message and fields.
+    from ray.train import WorkerGroupError
+
+    from kdray.distributed import DistributedTrialError, _trial_error
+    from kdray.errors import DivergedError
+
+    sent = pickle.loads(pickle.dumps(DivergedError(3, "kd", float("inf"))))
+    err = _trial_error("t", 2, WorkerGroupError("worker failed", {1: sent}))
+    assert isinstance(err, DivergedError) and (err.epoch, err.term) == (3, "kd") and "'kd'" in str(err)
+    cfg = pickle.loads(pickle.dumps(ConfigError("student_layers", "nope", "a module path")))
+    assert isinstance(_trial_error("t", 2, WorkerGroupError("x", {0: cfg})), ConfigError) and cfg.value == "nope"
+    other = _trial_error("t", 2, WorkerGroupError("x", {0: RuntimeError("boom")}))
+    assert isinstance(other, DistributedTrialError) and "'t'" in str(other)
 
 
 def test_online_scheme_is_refused_on_several_workers():

@@ -140,3 +140,19 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
         assert after[trial] == epochs == [1, 2, 3]  # not one more report: it did not run again
     df = read_results(str(exp))
     assert (df["status"] == "finished").sum() == 5
+
+
+def test_a_failing_trial_is_errored_and_the_search_goes_on(tmp_path, tiny_raw):
+    methods = {"kd": SPACE["methods"]["kd"],
+               "diverge": [{"method": "fitnet", "weight": 1e38, "pair": ["relu3", "relu3"]}]}
+    space = write_space(tmp_path, tiny_raw, methods=methods,
+                        search={**SPACE["search"], "num_trials": 4, "scheduler": "none", "max_epochs": 2,
+                                "max_failures": 1})
+    out = run_search(str(space), SearchOptions(storage_path=str(tmp_path / "results"), num_cpus=2, progress=False,
+                                               baseline=False))
+    df = out.table
+    failed = df[df.status == "failed"]
+    assert len(df) == 4 and len(failed) >= 1 and (df.status == "finished").sum() >= 1
+    assert failed["error"].str.contains("diverged").all()
+    assert all(t.state in (TrialState.FAIL, TrialState.COMPLETE) for t in out.study.trials)
+    assert sum(t.state == TrialState.FAIL for t in out.study.trials) == len(failed)

@@ -1,0 +1,92 @@
+"""Fixed cost of one trivial trial: a plain Tune function trainable vs. a TorchTrainer trial.
+
+The trial trains a small student for 1 epoch on 1000 MNIST-1D samples, without a teacher, so what is
+measured is nearly all overhead. Three ways, on a local Ray using every core of this machine:
+
+* ``function``: a Tune function trainable running ``kdray.run.run`` in its own process (1 CPU);
+* ``torchtrainer_1`` / ``torchtrainer_2``: a Tune function trainable (the driver, reserving no CPU) that
+  runs ``kdray.distributed.run_torchtrainer_trial`` with 1 or 2 workers of 1 CPU each.
+
+Each repetition is a fresh ``Tuner`` with one trial; the time is the wall time of ``Tuner.fit()``, i.e.
+everything a trial costs from being scheduled to its result (the trial actor, for TorchTrainer also the
+controller, the placement group, the worker actors, the process group, reports and teardown). The
+modes are interleaved so that load changes on the machine touch each alike. Ray Train runs with its
+defaults (e.g. the controller polls its workers every 2 s).
+
+Usage: ``python benchmarks/trial_overhead.py [--reps 3]``. Progress goes to stderr; the last line of
+stdout is a JSON object with the median seconds per trial of each mode and the 2-worker/function ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+RAW = {
+    "name": "overhead",
+    "seed": 0,
+    "data": {"name": "mnist1d", "batch_size": 50, "params": {"num_samples": 1000}},
+    "student": {"name": "mnist1d_cnn_small", "kwargs": {"channels": 4}},
+    "train": {"epochs": 1, "progress": False},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+
+    import ray
+    from ray import tune
+
+    from kdray.config import parse_config
+    from kdray.distributed import DRIVER_RESOURCES, run_torchtrainer_trial
+    from kdray.run import prepare, run
+
+    cpus = max(2, os.cpu_count() or 2)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    storage = tempfile.mkdtemp(prefix="kdray-overhead-")
+    raw = RAW
+    prep = prepare(parse_config(raw))
+    prep_ref = ray.put(prep)
+
+    def function_trial(config):
+        run(parse_config(raw), ray.get(prep_ref), callbacks=(lambda m, _state: tune.report(m),))
+
+    def torchtrainer_trial(config):
+        run_torchtrainer_trial(raw, prep_ref, num_workers=config["workers"], cpus_per_worker=1,
+                               gpus_per_worker=0, name=f"train-{tune.get_context().get_trial_id()}",
+                               storage_path=storage, max_epochs=None)
+
+    modes = {
+        "function_s": (tune.with_resources(function_trial, {"cpu": 1}), {}),
+        "torchtrainer_1_s": (tune.with_resources(torchtrainer_trial, DRIVER_RESOURCES), {"workers": 1}),
+        "torchtrainer_2_s": (tune.with_resources(torchtrainer_trial, DRIVER_RESOURCES), {"workers": 2}),
+    }
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    for rep in range(args.reps):
+        for key, (trainable, space) in modes.items():
+            tuner = tune.Tuner(trainable, param_space=space,
+                               run_config=tune.RunConfig(name=f"{key}-{rep}", storage_path=storage, verbose=0))
+            t0 = time.perf_counter()
+            grid = tuner.fit()
+            wall = time.perf_counter() - t0
+            if grid.num_errors or grid[0].metrics.get("epoch") != 1:
+                raise SystemExit(f"{key} repetition {rep} did not finish its epoch: {grid.errors}")
+            times[key].append(wall)
+            print(f"rep {rep} {key}: {wall:.2f} s", file=sys.stderr, flush=True)
+    ray.shutdown()
+
+    out = {k: round(statistics.median(v), 2) for k, v in times.items()}
+    out["ratio_2w_over_function"] = round(out["torchtrainer_2_s"] / out["function_s"], 2)
+    out["reps"] = args.reps
+    out["cpus"] = cpus
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

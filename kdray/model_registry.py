@@ -1,0 +1,269 @@
+"""The best students of a search in the MLflow Model Registry, and ``kdray promote``.
+
+A trial's student is rebuilt from its last Tune checkpoint: ``state.pt`` holds the distiller's state
+dict, in which the student is under ``student.*`` (adapters under ``terms.*``, probes and teacher are
+not in it and are not registered); the architecture comes from the trial's config. It is logged with
+``mlflow.pytorch.log_model`` in the trial's child run ("pt2" / ``torch.export`` with a batch-of-2 input
+example so the batch dimension stays dynamic; "pickle" plus the kdray code if export fails), then
+registered as a new version of the search's registered model with tags describing the trial. The
+registration of one search is all or nothing: a failure deletes the versions (and the registered
+model) this call created.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from kdray.errors import ConfigError, KdrayError
+
+log = logging.getLogger("kdray")
+
+CHALLENGER = "challenger"
+MODEL_NAME = "student"  # the model's name inside its run
+
+
+# --------------------------------------------------------------------------------------------------
+# rebuilding a trial's student (plain PyTorch)
+
+
+def student_state(state: dict) -> dict[str, torch.Tensor]:
+    """The student's weights from a trial checkpoint's state (``distiller`` keys under ``student.``)."""
+    dist = state.get("distiller", {})
+    return {k[len("student."):]: v for k, v in dist.items() if k.startswith("student.")}
+
+
+def student_from_checkpoint(ckpt_dir: str | Path, cfg: Any, num_classes: int) -> nn.Module:
+    """The trained student of a trial, in eval mode, from its checkpoint folder and its config."""
+    from kdray.models import build_model
+
+    path = Path(ckpt_dir) / "state.pt"
+    if not path.is_file():
+        raise KdrayError(f"checkpoint {ckpt_dir} has no state.pt")
+    weights = student_state(torch.load(path, map_location="cpu", weights_only=True))
+    if not weights:
+        raise KdrayError(f"checkpoint {path} holds no student weights (no 'distiller' keys under 'student.')")
+    model = build_model(cfg.student, num_classes)
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def trial_checkpoint(result: Any) -> Iterator[Path]:
+    """A local folder holding a Tune result's last checkpoint (downloaded when on remote storage)."""
+    from ray.tune import Checkpoint
+
+    ckpt = result.checkpoint
+    if ckpt is None and (result.metrics or {}).get("checkpoint_path"):  # a Ray Train (multi-worker) trial
+        ckpt = Checkpoint(result.metrics["checkpoint_path"])
+    if ckpt is None:
+        raise KdrayError(f"trial {result.path} has no checkpoint")
+    with ckpt.as_directory() as d:
+        yield Path(d)
+
+
+def trial_config(tracker: Any, values: dict) -> Any:
+    from kdray.config import parse_config
+    from kdray.space import trial_raw
+
+    return parse_config(trial_raw(tracker.space, tracker.base_raw, values), tracker.base_dir)
+
+
+def describe_terms(cfg: Any) -> dict[str, str]:
+    """Methods, layers, temperatures and weights of a config's distillation terms, as tag values."""
+    from kdray.methods import build_terms
+    from kdray.train import term_names
+
+    built = build_terms(cfg.distill.terms, cfg.distill.temperature)
+    names = term_names([t.method for t, _, _ in built])
+    layers = [f"{n}: {','.join(t.teacher_layers) or '-'} -> {','.join(t.student_layers) or '-'}"
+              for n, (t, _, _) in zip(names, built) if t.teacher_layers or t.student_layers]
+    temps = [f"{n}={m.temperature:g}" for n, (_, _, m) in zip(names, built) if getattr(m, "uses_temperature", False)]
+    weights = [f"ce={cfg.distill.ce_weight:g}"] + [f"{n}={w:g}" for n, (_, w, _) in zip(names, built)]
+    return {"terms": "+".join(names) or "none (labels only)", "layers": "; ".join(layers) or "-",
+            "temperature": "; ".join(temps) or "-", "weights": ", ".join(weights)}
+
+
+# --------------------------------------------------------------------------------------------------
+# MLflow
+
+
+def _missing(e: BaseException) -> bool:
+    return getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
+def log_student(model: nn.Module, example: np.ndarray, run_id: str, uri: str) -> tuple[Any, str]:
+    """Log ``model`` as an MLflow PyTorch model in run ``run_id``; (ModelInfo, serialization format)."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from kdray.tracking import use_tracking_uri
+
+    model = model.eval()
+    with torch.no_grad():
+        out = model(torch.as_tensor(example)).numpy()
+    signature = infer_signature(example, out)
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"]
+    with use_tracking_uri(uri):
+        try:
+            info = mlflow.pytorch.log_model(model, name=MODEL_NAME, run_id=run_id, signature=signature,
+                                            input_example=example, pip_requirements=reqs, serialization_format="pt2")
+            return info, "pt2"
+        except Exception as e:  # noqa: BLE001 - torch.export cannot trace every model
+            log.warning("torch.export of the student failed (%s); logging it with pickle instead", str(e)[:200])
+        import kdray
+
+        info = mlflow.pytorch.log_model(model, name=MODEL_NAME, run_id=run_id, signature=signature,
+                                        input_example=example, pip_requirements=reqs, serialization_format="pickle",
+                                        code_paths=[str(Path(kdray.__file__).parent)])
+        return info, "pickle"
+
+
+def register_trials(tracker: Any, grid: Any, table: pd.DataFrame, top: int, name: str,
+                    example: np.ndarray) -> list[dict]:
+    """Register the students of the ``top`` best finished trials as versions of ``name``.
+
+    The best becomes the newest version and gets the alias ``challenger``. A trial already registered
+    under ``name`` (a resumed search) keeps its version. All or nothing: on failure, the versions and the
+    registered model created here are deleted and the error is raised.
+    """
+    from mlflow.exceptions import MlflowException
+
+    space = tracker.space
+    client = tracker.client
+    metric = space.metric
+    fin = table[table["status"] == "finished"] if not table.empty else table
+    if fin.empty:
+        log.warning("no finished trial: nothing to register")
+        return []
+    fin = fin.sort_values(metric, ascending=space.mode == "min", na_position="last").head(top)
+    results = {str((r.metrics or {}).get("trial_id") or Path(r.path).name): r for r in grid}
+    created_model = False
+    created: list[str] = []
+    out: list[dict] = []
+    try:
+        try:
+            client.get_registered_model(name)
+        except MlflowException as e:
+            if not _missing(e):
+                raise
+            try:
+                client.create_registered_model(name, tags={"kdray.search": space.name},
+                                               description=f"students distilled by kdray search {space.name!r}")
+                created_model = True
+            except MlflowException as e2:  # registered meanwhile by another search
+                if "ALREADY_EXISTS" not in str(getattr(e2, "error_code", "")):
+                    raise
+        for rank in range(len(fin), 0, -1):  # worst of the top first, so the best is the newest version
+            row = fin.iloc[rank - 1]
+            tid = str(row["trial_id"])
+            run_id = tracker.children.get(tid) or tracker._child_for(tid)
+            if run_id is None:
+                raise KdrayError(f"trial {tid} has no MLflow run under parent {tracker.parent_run_id}")
+            found = client.search_model_versions(f"name = '{_q(name)}' and run_id = '{run_id}'")
+            fmt = "existing"
+            if found:
+                mv = max(found, key=lambda v: int(v.version))
+            else:
+                values = dict(results[tid].config or {})
+                cfg = trial_config(tracker, values)
+                with trial_checkpoint(results[tid]) as d:
+                    student = student_from_checkpoint(d, cfg, tracker.num_classes)
+                info, fmt = log_student(student, example, run_id, tracker.uri)
+                from kdray.models import count_parameters
+                from kdray.search import _scalar
+
+                tags = {"teacher": tracker.teacher, "method": str(_scalar(values.get("method", "-"))),
+                        **describe_terms(cfg), metric: _fmt(row.get(metric)), "val_acc": _fmt(row.get("val_acc")),
+                        "test_acc": _fmt(row.get("test_acc")), "student_params": str(count_parameters(student)),
+                        "student": cfg.student.name, "parent_run_id": tracker.parent_run_id, "run_id": run_id,
+                        "trial_id": tid, "search": space.name, "rank": str(rank), "serialization": fmt,
+                        "trial_params": ", ".join(f"{k}={_scalar(v)}" for k, v in values.items())[:5000]}
+                mv = client.create_model_version(
+                    name, source=info.model_uri, run_id=run_id, model_id=info.model_id, tags=tags,
+                    description=f"student of trial {tid} (rank {rank} by {metric}) of search {space.name!r}")
+                created.append(mv.version)
+                client.set_tag(run_id, "kdray.registered_model", f"{name}/{mv.version}")
+            if rank == 1:
+                client.set_registered_model_alias(name, CHALLENGER, mv.version)
+            out.append({"name": name, "version": str(mv.version), "trial_id": tid, "run_id": run_id, "rank": rank,
+                        "alias": CHALLENGER if rank == 1 else None, "format": fmt})
+            log.info("registered %s version %s from trial %s%s", name, mv.version, tid,
+                     f" (alias {CHALLENGER})" if rank == 1 else "")
+    except BaseException:
+        _rollback(client, name, created, created_model)
+        raise
+    return sorted(out, key=lambda r: r["rank"])
+
+
+def _rollback(client: Any, name: str, versions: list[str], model: bool) -> None:
+    for v in versions:
+        with contextlib.suppress(Exception):
+            client.delete_model_version(name, v)
+    if model:
+        with contextlib.suppress(Exception):
+            if not client.search_model_versions(f"name = '{_q(name)}'"):
+                client.delete_registered_model(name)
+    if versions or model:
+        log.warning("registration failed: removed %s%s", f"versions {', '.join(versions)} of {name}" if versions
+                    else "", " and the registered model" if model else "")
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and v != v) else (f"{v:.6g}" if isinstance(v, float) else str(v))
+
+
+def _q(s: str) -> str:
+    return str(s).replace("'", "\\'")
+
+
+# --------------------------------------------------------------------------------------------------
+# kdray promote
+
+
+def promote(name: str, alias: str, version: Optional[str] = None, from_alias: Optional[str] = None,
+            tracking_uri: Optional[str] = None) -> tuple[Any, Optional[str]]:
+    """Point ``alias`` of registered model ``name`` at ``version`` (or at the version ``from_alias``
+    points to; default ``challenger``). Returns (the model version, the version the alias had before)."""
+    from mlflow.exceptions import MlflowException
+
+    from kdray.tracking import connect, resolve_tracking_uri
+
+    client = connect(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)[0]
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        if not _missing(e):
+            raise
+        names = [m.name for m in client.search_registered_models(max_results=20)]
+        raise ConfigError("NAME", name, f"a registered model in {uri}"
+                                        f"{': ' + ', '.join(names) if names else ' (none is registered)'}") from None
+    versions = sorted((v.version for v in client.search_model_versions(f"name = '{_q(name)}'")), key=int)
+    aliases = dict(model.aliases or {})
+    if version is not None:
+        try:
+            mv = client.get_model_version(name, str(version))
+        except MlflowException as e:
+            if not _missing(e) and "INVALID_PARAMETER" not in str(getattr(e, "error_code", "")):
+                raise
+            raise ConfigError("--version", version, f"a version of {name}: {', '.join(versions) or 'none'}") from None
+    else:
+        from_alias = from_alias or CHALLENGER
+        if from_alias not in aliases:
+            raise ConfigError("--from-alias", from_alias, f"an alias of {name}: "
+                                                          f"{', '.join(f'{a} (v{v})' for a, v in aliases.items()) or 'none set'}")
+        mv = client.get_model_version(name, str(aliases[from_alias]))
+    before = aliases.get(alias)
+    try:
+        client.set_registered_model_alias(name, alias, mv.version)
+    except MlflowException as e:
+        raise ConfigError("--alias", alias, f"a valid alias name (not 'latest' or v<number>): "
+                                            f"{str(e).splitlines()[0][:200]}") from None
+    return mv, (str(before) if before is not None else None)

@@ -1,0 +1,230 @@
+"""Plots of a search's trials table (the :func:`kdray.search.results_frame` DataFrame).
+
+Pure functions: a DataFrame in, one file out (PNG with matplotlib's object API, no pyplot global state;
+interactive HTML with plotly when it is installed). Searched dimensions are the ``param.*`` columns;
+``status`` tells finished trials from pruned, failed and killed ones. Used for the summary artifacts
+of a tracked search and reusable by a report command.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+STATUS_COLORS = {"finished": "tab:blue", "pruned": "tab:orange", "failed": "tab:red", "killed": "tab:gray"}
+
+
+def param_columns(df: pd.DataFrame) -> list[str]:
+    """The searched dimensions that took at least one value."""
+    return [c for c in df.columns if c.startswith("param.") and df[c].notna().any()]
+
+
+def chronological(df: pd.DataFrame) -> pd.DataFrame:
+    """Trials in the order Tune created them (the counter in their folder names)."""
+    if df.empty or "trial_id" not in df:
+        return df.reset_index(drop=True)
+
+    def index(i: int) -> float:  # Tune's trial folders are named <trainable>_<trial id>_<counter>_<values>...
+        tid = str(df["trial_id"].iloc[i])
+        name = Path(str(df["path"].iloc[i])).name if "path" in df and pd.notna(df["path"].iloc[i]) else ""
+        m = re.search(rf"_{re.escape(tid)}_(\d+)(?:_|$)", name) or re.search(r"_(\d+)$", tid)
+        return float(m.group(1)) if m else math.inf
+
+    order = sorted(range(len(df)), key=lambda i: (index(i), i))
+    return df.iloc[order].reset_index(drop=True)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _is_numeric(s: pd.Series) -> bool:
+    v = s.dropna()
+    return len(v) > 0 and all(isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+                              for x in v)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def best_over_trials(df: pd.DataFrame, metric: str, mode: str, path: str | Path) -> Path:
+    """Each trial's metric (by status) and the running best, against the trial index."""
+    d = chronological(df)
+    fig = _figure(7, 4)
+    ax = fig.subplots()
+    values = pd.to_numeric(d.get(metric, pd.Series(dtype=float)), errors="coerce")
+    x = np.arange(1, len(d) + 1)
+    for status, color in STATUS_COLORS.items():
+        sel = (d.get("status") == status).to_numpy() if "status" in d else np.ones(len(d), bool)
+        if sel.any():
+            ax.scatter(x[sel], values[sel], color=color, label=status, s=25, zorder=3)
+    finished = values.where(d["status"] == "finished") if "status" in d else values
+    best = finished.cummax() if mode == "max" else finished.cummin()
+    if best.notna().any():
+        ax.step(x, best.ffill(), where="post", color="black", label=f"best finished {metric}", zorder=2)
+    ax.set_xlabel("trial (in start order)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} over trials")
+    if len(d):
+        ax.legend(loc="best", fontsize="small")
+    return _save(fig, path)
+
+
+def metric_by_params(df: pd.DataFrame, metric: str, path: str | Path, params: Optional[list[str]] = None) -> Path:
+    """One panel per searched dimension (method, probe layer, temperature ...): the metric of every trial
+    against that dimension's value; categorical dimensions as jittered strips, numeric ones as scatter."""
+    params = params if params is not None else param_columns(df)
+    n = max(len(params), 1)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = _figure(4.2 * cols, 3.4 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    values = pd.to_numeric(df.get(metric, pd.Series(dtype=float)), errors="coerce")
+    rng = np.random.default_rng(0)
+    for ax, p in zip(axes, params):
+        col = df[p]
+        has = col.notna()
+        if _is_numeric(col):
+            xs = col[has].astype(float)
+            for status, color in STATUS_COLORS.items():
+                sel = has & (df["status"] == status)
+                if sel.any():
+                    ax.scatter(col[sel].astype(float), values[sel], color=color, s=22, label=status)
+            if len(xs) and xs.min() > 0 and xs.max() / xs.min() >= 20:
+                ax.set_xscale("log")
+        else:
+            cats = sorted({str(v) for v in col[has]})
+            pos = {c: i for i, c in enumerate(cats)}
+            for status, color in STATUS_COLORS.items():
+                sel = has & (df["status"] == status)
+                if sel.any():
+                    xs = np.array([pos[str(v)] for v in col[sel]], float) + rng.uniform(-0.15, 0.15, int(sel.sum()))
+                    ax.scatter(xs, values[sel], color=color, s=22, label=status)
+            ax.set_xticks(range(len(cats)), [c if len(c) <= 18 else c[:17] + "…" for c in cats],
+                          rotation=20 if len(cats) > 3 else 0, fontsize="small")
+        ax.set_title(p.removeprefix("param."), fontsize="medium")
+        ax.set_ylabel(metric)
+    for ax in axes[len(params):]:
+        ax.set_axis_off()
+    if not params:
+        axes[0].text(0.5, 0.5, "no searched dimensions", ha="center", va="center")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize="small")
+    return _save(fig, path)
+
+
+def _encoded(df: pd.DataFrame, dims: list[str]) -> list[tuple[str, np.ndarray, Optional[list[str]], bool]]:
+    """(name, values in plot units, category labels or None, log scale) per dimension; missing -> NaN."""
+    out = []
+    for c in dims:
+        col = df[c]
+        if _is_numeric(col):
+            v = pd.to_numeric(col, errors="coerce").to_numpy(float)
+            fin = v[np.isfinite(v)]
+            log = bool(len(fin) and fin.min() > 0 and fin.max() / fin.min() >= 20)
+            out.append((c, np.log10(v) if log else v, None, log))
+        else:
+            cats = sorted({str(x) for x in col.dropna()})
+            pos = {k: i for i, k in enumerate(cats)}
+            out.append((c, np.array([pos[str(x)] if pd.notna(x) else np.nan for x in col], float), cats, False))
+    return out
+
+
+def parallel_coordinates_png(df: pd.DataFrame, metric: str, path: str | Path,
+                             params: Optional[list[str]] = None) -> Path:
+    """Every trial as a line through its searched values and the metric, colored by the metric."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    dims = [*(params if params is not None else param_columns(df)), metric]
+    dims = [d for d in dims if d in df.columns]
+    enc = _encoded(df, dims)
+    fig = _figure(max(6.0, 1.8 * len(dims)), 4.5)
+    ax = fig.subplots()
+    values = pd.to_numeric(df.get(metric, pd.Series(dtype=float)), errors="coerce").to_numpy(float)
+    fin = values[np.isfinite(values)]
+    norm = Normalize(fin.min() if len(fin) else 0, fin.max() if len(fin) and fin.max() > fin.min() else
+                     (fin.min() + 1 if len(fin) else 1))
+    cmap = colormaps["viridis"]
+    scaled = []
+    for name, v, cats, _ in enc:
+        f = v[np.isfinite(v)]
+        lo, hi = (f.min(), f.max()) if len(f) else (0.0, 1.0)
+        scaled.append((v - lo) / (hi - lo) if hi > lo else np.where(np.isfinite(v), 0.5, np.nan))
+    xs = np.arange(len(enc))
+    for i in range(len(df)):
+        ys = np.array([s[i] for s in scaled])
+        color = cmap(norm(values[i])) if np.isfinite(values[i]) else "lightgray"
+        style = "-" if "status" not in df or df["status"].iloc[i] == "finished" else "--"
+        ax.plot(xs[np.isfinite(ys)], ys[np.isfinite(ys)], style, color=color, alpha=0.8, marker="o", ms=3)
+    for k, (name, v, cats, log) in enumerate(enc):
+        ax.axvline(k, color="black", lw=0.8)
+        f = v[np.isfinite(v)]
+        if cats:
+            for j, c in enumerate(cats):
+                y = j / (len(cats) - 1) if len(cats) > 1 else 0.5
+                ax.text(k + 0.03, y, c[:16], fontsize="x-small", va="center")
+        elif len(f):
+            lo, hi = f.min(), f.max()
+            fmt = (lambda t: f"{10 ** t:.3g}") if log else (lambda t: f"{t:.3g}")
+            ax.text(k + 0.03, 0, fmt(lo), fontsize="x-small", va="bottom")
+            ax.text(k + 0.03, 1, fmt(hi), fontsize="x-small", va="top")
+    ax.set_xticks(xs, [n.removeprefix("param.") for n, *_ in enc], rotation=15, fontsize="small")
+    ax.set_yticks([])
+    ax.set_xlim(-0.2, max(len(enc) - 0.6, 0.8))
+    ax.set_title(f"searched dimensions and {metric} (dashed: not finished)")
+    from matplotlib.cm import ScalarMappable
+
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=metric)
+    return _save(fig, path)
+
+
+def parallel_coordinates_html(df: pd.DataFrame, metric: str, path: str | Path,
+                              params: Optional[list[str]] = None) -> Optional[Path]:
+    """Interactive parallel coordinates (plotly, self-contained HTML); None when plotly is missing."""
+    try:
+        import plotly.graph_objects as go
+    except ImportError:
+        return None
+    dims = [*(params if params is not None else param_columns(df)), metric]
+    dims = [d for d in dims if d in df.columns]
+    pdims = []
+    for name, v, cats, log in _encoded(df, dims):
+        label = name.removeprefix("param.") + (" (log10)" if log else "")
+        filled = np.where(np.isfinite(v), v, np.nan)
+        d: dict[str, Any] = {"label": label, "values": filled.tolist()}
+        if cats:
+            d.update(tickvals=list(range(len(cats))), ticktext=cats)
+        pdims.append(d)
+    values = pd.to_numeric(df.get(metric, pd.Series(dtype=float)), errors="coerce").fillna(np.nan).tolist()
+    fig = go.Figure(go.Parcoords(line={"color": values, "colorscale": "Viridis", "showscale": True},
+                                 dimensions=pdims))
+    fig.update_layout(title=f"searched dimensions and {metric} ({len(df)} trials)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(str(path), include_plotlyjs=True, full_html=True)
+    return path
+
+
+def search_plots(df: pd.DataFrame, metric: str, mode: str, out_dir: str | Path) -> list[Path]:
+    """All summary plots of a search into ``out_dir``; returns the files written."""
+    out = Path(out_dir)
+    files = [best_over_trials(df, metric, mode, out / "best_over_trials.png"),
+             metric_by_params(df, metric, out / f"{metric}_by_param.png"),
+             parallel_coordinates_png(df, metric, out / "parallel_coordinates.png")]
+    html = parallel_coordinates_html(df, metric, out / "parallel_coordinates.html")
+    return files + ([html] if html else [])

@@ -24,7 +24,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from kdray.config import parse_config
 from kdray.errors import ConfigError, KdrayError
-from kdray.space import DefineByRun, SearchSettings, SearchSpace, check_space, dimensions, load_space, trial_raw
+from kdray.space import (DefineByRun, SearchSettings, SearchSpace, check_space, dimensions, initial_points, load_space,
+                         trial_raw)
 
 log = logging.getLogger("kdray")
 
@@ -85,6 +86,11 @@ def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
             log.warning("local Ray started without token authentication (RAY_AUTH_MODE=%s)",
                         os.environ.get("RAY_AUTH_MODE"))
     else:
+        # Ray replaces a node address of 127.0.0.1 by this machine's outward IP, so a cluster kept on
+        # loopback runs its nodes on another 127.x.y.z address; the driver then has to say it is there too.
+        host = address.split("://")[-1].rsplit(":", 1)[0]
+        if host.startswith("127.") and host != "127.0.0.1":
+            kwargs["_node_ip_address"] = host
         ray.init(address=address, **kwargs)
 
 
@@ -129,7 +135,7 @@ def make_searcher(space: SearchSpace, s: SearchSettings):
     sampler = (optuna.samplers.TPESampler(seed=s.seed) if s.searcher == "tpe"
                else optuna.samplers.RandomSampler(seed=s.seed))
     searcher = PruningAwareOptunaSearch(space=DefineByRun(space), metric=space.metric, mode=space.mode,
-                                        sampler=sampler)
+                                        sampler=sampler, points_to_evaluate=initial_points(space) or None)
     return ConcurrencyLimiter(searcher, max_concurrent=s.concurrency)
 
 

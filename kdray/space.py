@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Iterator, Literal, Optional
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -91,6 +91,8 @@ class SearchSettings(Strict):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     max_failures: int = Field(1, ge=0)  # retries of a failed trial, from its last checkpoint
+    # trials to run first (known-good settings): parameter name -> value; dimensions left out are sampled
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class SearchSpace(Strict):
@@ -222,6 +224,35 @@ def load_space(path: str | Path) -> tuple[SearchSpace, dict, Path]:
     return space, base_raw, base_path.parent
 
 
+def initial_points(space: SearchSpace) -> list[dict[str, Any]]:
+    """``search.points_to_evaluate`` checked against the dimensions and encoded as Optuna parameters."""
+    dims = dimensions(space)
+    points = []
+    for i, point in enumerate(space.search.points_to_evaluate):
+        field = f"search.points_to_evaluate[{i}]"
+        method = point.get("method")
+        owned = {n for n in dims if n == "method" or n in space.params or n.split(".")[0] == method}
+        out = {}
+        for name, value in point.items():
+            if name not in owned:
+                raise ConfigError(field, name, f"a dimension of this space{' for method ' + repr(method) if method else ''}:"
+                                               f" {', '.join(sorted(owned)) or 'none'}")
+            dim = dims[name][1]
+            if dim.choice is not None:
+                ok = value in dim.choice
+                allowed = f"one of {dim.choice}"
+            else:
+                low, high = dim.float_ or dim.int_
+                ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+                      and (dim.int_ is None or float(value).is_integer()))
+                allowed = f"{'an integer' if dim.int_ else 'a number'} in [{low}, {high}]"
+            if not ok:
+                raise ConfigError(f"{field}.{name}", value, allowed)
+            out[name] = _encode(value)
+        points.append(out)
+    return points
+
+
 def corner_values(space: SearchSpace) -> Iterator[tuple[str, dict[str, Any]]]:
     """Trial values covering every choice and both ends of every range, one dimension at a time
     (the others at their first value): (field being varied, values)."""
@@ -235,6 +266,8 @@ def corner_values(space: SearchSpace) -> Iterator[tuple[str, dict[str, Any]]]:
         for n in owned:
             for v in dims[n][1].corners():
                 yield dims[n][0], dict(base, **{n: _encode(v)})
+    for i, point in enumerate(initial_points(space)):
+        yield f"search.points_to_evaluate[{i}]", dict(first, **point)
 
 
 def check_space(space: SearchSpace, base_raw: dict, base_dir: Path) -> ExperimentConfig:

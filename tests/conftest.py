@@ -33,6 +33,19 @@ def kdray_cache(tmp_path_factory):
         os.environ["KDRAY_CACHE_DIR"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory):
+    """A session-wide SQLite MLflow store, so searches in tests never write ./mlflow.db."""
+    path = tmp_path_factory.mktemp("mlflow")
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{path / 'mlflow.db'}"
+    yield path
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
 @pytest.fixture
 def tiny_raw():
     """A fresh copy of the tiny experiment config as a dict (edit freely)."""

@@ -1,6 +1,7 @@
-"""A search on a real two-node Ray cluster on 127.0.0.1: a head and a worker node started as separate
+"""A search on a real two-node Ray cluster on loopback: a head and a worker node started as separate
 ``ray start`` processes with token auth, 2-worker Ray Train trials, and evidence that the trials used both
-nodes. Everything started here is stopped here; only loopback addresses are used."""
+nodes. Everything started here is stopped here; only loopback addresses are used: the nodes run on
+127.0.0.2 because ``ray start`` replaces 127.0.0.1 by the machine's outward address."""
 from __future__ import annotations
 
 import json
@@ -20,9 +21,12 @@ import yaml
 from tests.test_search import SPACE
 
 
+HOST = "127.0.0.2"
+
+
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((HOST, 0))
         return s.getsockname()[1]
 
 
@@ -32,16 +36,16 @@ def two_node_cluster():
     temp = Path(tempfile.mkdtemp(prefix="kdr-"))  # short: Ray's socket paths have a length limit
     port = free_port()
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    common = ["--num-cpus", "1", "--node-ip-address", HOST, "--disable-usage-stats"]
     try:
         subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--include-dashboard", "false",
                         "--temp-dir", str(temp), *common], env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([ray_bin, "start", "--address", f"127.0.0.1:{port}", *common], env=env, check=True,
+        subprocess.run([ray_bin, "start", "--address", f"{HOST}:{port}", *common], env=env, check=True,
                        capture_output=True, timeout=120)
-        yield f"127.0.0.1:{port}", env
+        yield f"{HOST}:{port}", env
     finally:
         subprocess.run(["pkill", "-f", str(temp)], check=False)  # only this cluster's processes
-        subprocess.run(["pkill", "-f", f"127.0.0.1:{port}"], check=False)
+        subprocess.run(["pkill", "-f", f"{HOST}:{port}"], check=False)
         time.sleep(1)
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -65,3 +69,4 @@ def test_two_node_search_with_two_worker_trials(tmp_path, tiny_raw, two_node_clu
     assert all(r["num_nodes"] == 2 for r in rows), [r.get("worker_nodes") for r in rows]
     assert all(r["replica_param_spread"] == 0.0 for r in rows)  # DDP kept the replicas identical
     assert {r["epoch"] for r in rows} == {1, 2}
+    assert {r["node_ip"] for r in rows} == {HOST}  # nothing ran on a non-loopback address

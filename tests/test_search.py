@@ -15,7 +15,6 @@ import yaml
 from optuna.trial import TrialState
 
 from kdray.cli import main
-from kdray.errors import ConfigError
 from kdray.search import SearchOptions, read_results, run_search
 
 SPACE = {
@@ -98,6 +97,10 @@ def test_bad_layer_in_space_stops_before_any_trial(tmp_path, tiny_raw, capsys):
     ({"params": {"data.label_fraction": {"float": [0.1, 0.5]}}}, "params.data.label_fraction"),
     ({"params": {"train.optimizer.lr": {"float": [0.1, 0.01]}}}, "params.train.optimizer.lr"),
     ({"methods": {"kd": [{"method": "kd", "weight": {"choice": []}}]}}, "methods.kd[0].weight"),
+    ({"search": {"points_to_evaluate": [{"method": "nope"}]}}, "search.points_to_evaluate[0].method"),
+    ({"search": {"points_to_evaluate": [{"method": "kd", "fitnet.0.pair": ["relu3", "relu3"]}]}},
+     "search.points_to_evaluate[0]"),
+    ({"search": {"points_to_evaluate": [{"train.optimizer.lr": 5.0}]}}, "search.points_to_evaluate[0].train.optimizer.lr"),
 ])
 def test_bad_values_in_space_exit_2(tmp_path, tiny_raw, capsys, change, field):
     space = write_space(tmp_path, tiny_raw, **change)
@@ -144,10 +147,11 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
 
 def test_a_failing_trial_is_errored_and_the_search_goes_on(tmp_path, tiny_raw):
     methods = {"kd": SPACE["methods"]["kd"],
-               "diverge": [{"method": "fitnet", "weight": 1e38, "pair": ["relu3", "relu3"]}]}
+               "diverge": [{"method": "fitnet", "weight": 1e39, "pair": ["relu3", "relu3"]}]}
     space = write_space(tmp_path, tiny_raw, methods=methods,
                         search={**SPACE["search"], "num_trials": 4, "scheduler": "none", "max_epochs": 2,
-                                "max_failures": 1})
+                                "max_failures": 1,
+                                "points_to_evaluate": [{"method": "diverge"}, {"method": "kd"}]})
     out = run_search(str(space), SearchOptions(storage_path=str(tmp_path / "results"), num_cpus=2, progress=False,
                                                baseline=False))
     df = out.table

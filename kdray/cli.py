@@ -145,18 +145,46 @@ def add_promote(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--version", help="the model version to promote")
     src.add_argument("--from-alias", help="promote the version this alias points to (default: challenger)")
+    p.add_argument("--force", action="store_true",
+                   help="promote even if the candidate's val_acc is below the current holder's")
+    add_tracking_uri(p)
+    p.set_defaults(func=cmd_promote)
+
+
+def add_tracking_uri(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                           "sqlite:///mlflow.db in the working directory)")
-    p.set_defaults(func=cmd_promote)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from kdray.model_registry import promote
 
     mv, before = promote(args.name, args.alias, version=args.version, from_alias=args.from_alias,
-                         tracking_uri=args.tracking_uri)
+                         tracking_uri=args.tracking_uri, force=args.force)
     moved = f" (was version {before})" if before and before != str(mv.version) else ""
     print(f"{args.name}@{args.alias} -> version {mv.version}{moved}")
+    return 0
+
+
+@command
+def add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="registered students in the MLflow model registry")
+    msub = p.add_subparsers(dest="models_cmd", required=True)
+    ls = msub.add_parser("list", help="versions, aliases, key metrics and creation time")
+    ls.add_argument("name", nargs="?", help="registered model name (default: every registered model)")
+    ls.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    add_tracking_uri(ls)
+    ls.set_defaults(func=cmd_models_list)
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from kdray.model_registry import list_models
+
+    df = list_models(args.name, tracking_uri=args.tracking_uri)
+    if df.empty:
+        print("no registered model" + (f" versions of {args.name}" if args.name else "s"))
+        return 0
+    print(render(df, args.format))
     return 0
 
 
@@ -174,7 +202,6 @@ def add_results(sub: argparse._SubParsersAction) -> None:
 
 def cmd_results(args: argparse.Namespace) -> int:
     from kdray.errors import ConfigError
-    from kdray.report import fmt, table
     from kdray.search import read_results
 
     df = read_results(args.experiment, args.storage_path)
@@ -182,15 +209,20 @@ def cmd_results(args: argparse.Namespace) -> int:
         if args.sort not in df.columns:
             raise ConfigError("--sort", args.sort, "one of " + ", ".join(df.columns))
         df = df.sort_values(args.sort, ascending=args.ascending, na_position="last")
-    df = df.head(args.top)
-    if args.format == "csv":
-        print(df.to_csv(index=False), end="")
-    elif args.format == "json":
-        print(df.to_json(orient="records"))
-    else:
-        cols = [c for c in df.columns if c not in ("path", "error")]
-        print(table([[fmt(v) for v in r] for r in df[cols].itertuples(index=False)], cols))
+    print(render(df.head(args.top), args.format, hide=("path", "error")))
     return 0
+
+
+def render(df, format: str, hide: tuple[str, ...] = ()) -> str:
+    """A DataFrame as a terminal table, CSV or JSON records."""
+    from kdray.report import fmt, table
+
+    if format == "csv":
+        return df.to_csv(index=False).rstrip("\n")
+    if format == "json":
+        return df.to_json(orient="records")
+    cols = [c for c in df.columns if c not in hide]
+    return table([[fmt(v) for v in r] for r in df[cols].itertuples(index=False)], cols)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,12 +7,16 @@ not in it and are not registered); the architecture comes from the trial's confi
 example so the batch dimension stays dynamic; "pickle" plus the kdray code if export fails), then
 registered as a new version of the search's registered model with tags describing the trial. The
 registration of one search is all or nothing: a failure deletes the versions (and the registered
-model) this call created.
+model) this call created. :func:`promote` moves aliases (``champion``) with checks and provenance tags;
+:func:`list_models` is ``kdray models list``.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
+import math
+import os
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -27,6 +31,7 @@ log = logging.getLogger("kdray")
 
 CHALLENGER = "challenger"
 MODEL_NAME = "student"  # the model's name inside its run
+REGISTERED_TAG = "kdray.registered_model"  # on a trial's run: "<registered model>/<version>"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,13 +131,22 @@ def log_student(model: nn.Module, example: np.ndarray, run_id: str, uri: str) ->
 
 
 def register_trials(tracker: Any, grid: Any, table: pd.DataFrame, top: int, name: str,
-                    example: np.ndarray) -> list[dict]:
+                    example: np.ndarray, alias: str = CHALLENGER) -> list[dict]:
     """Register the students of the ``top`` best finished trials as versions of ``name``.
 
-    The best becomes the newest version and gets the alias ``challenger``. A trial already registered
+    The best becomes the newest version and gets ``alias`` (``challenger``). A trial already registered
     under ``name`` (a resumed search) keeps its version. All or nothing: on failure, the versions and the
     registered model created here are deleted and the error is raised.
     """
+    from kdray.tracking import use_tracking_uri
+
+    # MLflow's SQL registry store looks logged models up through the global tracking URI
+    with use_tracking_uri(tracker.uri):
+        return _register_trials(tracker, grid, table, top, name, example, alias)
+
+
+def _register_trials(tracker: Any, grid: Any, table: pd.DataFrame, top: int, name: str, example: np.ndarray,
+                     alias: str) -> list[dict]:
     from mlflow.exceptions import MlflowException
 
     space = tracker.space
@@ -145,7 +159,9 @@ def register_trials(tracker: Any, grid: Any, table: pd.DataFrame, top: int, name
     fin = fin.sort_values(metric, ascending=space.mode == "min", na_position="last").head(top)
     results = {str((r.metrics or {}).get("trial_id") or Path(r.path).name): r for r in grid}
     created_model = False
-    created: list[str] = []
+    created: list[str] = []  # versions, logged model ids and tagged runs made here: undone on failure
+    logged: list[str] = []
+    tagged: list[tuple[str, Optional[str]]] = []  # (run id, its tag before)
     out: list[dict] = []
     try:
         try:
@@ -176,6 +192,7 @@ def register_trials(tracker: Any, grid: Any, table: pd.DataFrame, top: int, name
                 with trial_checkpoint(results[tid]) as d:
                     student = student_from_checkpoint(d, cfg, tracker.num_classes)
                 info, fmt = log_student(student, example, run_id, tracker.uri)
+                logged.append(info.model_id)
                 from kdray.models import count_parameters
                 from kdray.search import _scalar
 
@@ -188,31 +205,43 @@ def register_trials(tracker: Any, grid: Any, table: pd.DataFrame, top: int, name
                 mv = client.create_model_version(
                     name, source=info.model_uri, run_id=run_id, model_id=info.model_id, tags=tags,
                     description=f"student of trial {tid} (rank {rank} by {metric}) of search {space.name!r}")
-                created.append(mv.version)
-                client.set_tag(run_id, "kdray.registered_model", f"{name}/{mv.version}")
+                created.append(str(mv.version))
+                tagged.append((run_id, client.get_run(run_id).data.tags.get(REGISTERED_TAG)))
+                client.set_tag(run_id, REGISTERED_TAG, f"{name}/{mv.version}")
             if rank == 1:
-                client.set_registered_model_alias(name, CHALLENGER, mv.version)
+                client.set_registered_model_alias(name, alias, mv.version)
             out.append({"name": name, "version": str(mv.version), "trial_id": tid, "run_id": run_id, "rank": rank,
-                        "alias": CHALLENGER if rank == 1 else None, "format": fmt})
+                        "alias": alias if rank == 1 else None, "format": fmt})
             log.info("registered %s version %s from trial %s%s", name, mv.version, tid,
-                     f" (alias {CHALLENGER})" if rank == 1 else "")
+                     f" (alias {alias})" if rank == 1 else "")
     except BaseException:
-        _rollback(client, name, created, created_model)
+        _rollback(client, name, created, created_model, logged, tagged)
         raise
     return sorted(out, key=lambda r: r["rank"])
 
 
-def _rollback(client: Any, name: str, versions: list[str], model: bool) -> None:
+def _rollback(client: Any, name: str, versions: list[str], model: bool, logged: list[str],
+              tagged: list[tuple[str, Optional[str]]]) -> None:
     for v in versions:
         with contextlib.suppress(Exception):
             client.delete_model_version(name, v)
+    for model_id in logged:
+        with contextlib.suppress(Exception):
+            client.delete_logged_model(model_id)
+    for run_id, before in tagged:
+        with contextlib.suppress(Exception):
+            if before is None:
+                client.delete_tag(run_id, REGISTERED_TAG)
+            else:
+                client.set_tag(run_id, REGISTERED_TAG, before)
     if model:
         with contextlib.suppress(Exception):
             if not client.search_model_versions(f"name = '{_q(name)}'"):
                 client.delete_registered_model(name)
-    if versions or model:
-        log.warning("registration failed: removed %s%s", f"versions {', '.join(versions)} of {name}" if versions
-                    else "", " and the registered model" if model else "")
+    removed = ([f"version(s) {', '.join(versions)} of {name}"] if versions else []) + \
+        ([f"the registered model {name}"] if model else [])
+    if removed:
+        log.warning("registration failed: removed %s", " and ".join(removed))
 
 
 def _fmt(v: Any) -> str:
@@ -228,24 +257,22 @@ def _q(s: str) -> str:
 
 
 def promote(name: str, alias: str, version: Optional[str] = None, from_alias: Optional[str] = None,
-            tracking_uri: Optional[str] = None) -> tuple[Any, Optional[str]]:
+            tracking_uri: Optional[str] = None, force: bool = False,
+            metric: str = "val_acc") -> tuple[Any, Optional[str]]:
     """Point ``alias`` of registered model ``name`` at ``version`` (or at the version ``from_alias``
-    points to; default ``challenger``). Returns (the model version, the version the alias had before)."""
+    points to; default ``challenger``). Returns (the model version, the version the alias had before).
+
+    A candidate whose ``metric`` tag (validation accuracy) is below that of the version ``alias`` points
+    to now is refused unless ``force``. The promoted version gets tags saying who moved the alias, when,
+    and from which version; nothing changes when a check fails.
+    """
     from mlflow.exceptions import MlflowException
 
-    from kdray.tracking import connect, resolve_tracking_uri
+    from kdray.tracking import connect
 
     client = connect(tracking_uri)
-    uri = resolve_tracking_uri(tracking_uri)[0]
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException as e:
-        if not _missing(e):
-            raise
-        names = [m.name for m in client.search_registered_models(max_results=20)]
-        raise ConfigError("NAME", name, f"a registered model in {uri}"
-                                        f"{': ' + ', '.join(names) if names else ' (none is registered)'}") from None
-    versions = sorted((v.version for v in client.search_model_versions(f"name = '{_q(name)}'")), key=int)
+    model = registered_model(client, name, tracking_uri)
+    versions = sorted((str(v.version) for v in client.search_model_versions(f"name = '{_q(name)}'")), key=int)
     aliases = dict(model.aliases or {})
     if version is not None:
         try:
@@ -261,9 +288,94 @@ def promote(name: str, alias: str, version: Optional[str] = None, from_alias: Op
                                                           f"{', '.join(f'{a} (v{v})' for a, v in aliases.items()) or 'none set'}")
         mv = client.get_model_version(name, str(aliases[from_alias]))
     before = aliases.get(alias)
+    if before is not None and str(before) != str(mv.version) and not force:
+        current = client.get_model_version(name, str(before))
+        new_v, old_v = _metric_tag(mv, metric), _metric_tag(current, metric)
+        if new_v is not None and old_v is not None and new_v < old_v:
+            raise ConfigError("--version" if version is not None else "--from-alias", version or from_alias,
+                              f"a version whose {metric} is at least that of {name}@{alias} (version {before}, "
+                              f"{metric} {old_v:.4f}; version {mv.version} has {new_v:.4f}); pass --force to "
+                              f"promote it anyway")
     try:
         client.set_registered_model_alias(name, alias, mv.version)
     except MlflowException as e:
         raise ConfigError("--alias", alias, f"a valid alias name (not 'latest' or v<number>): "
                                             f"{str(e).splitlines()[0][:200]}") from None
+    stamp = {f"kdray.{alias}.promoted_by": _who(), f"kdray.{alias}.promoted_at": _now(),
+             f"kdray.{alias}.previous_version": str(before) if before is not None else "none"}
+    if force:
+        stamp[f"kdray.{alias}.forced"] = "true"
+    for k, v in stamp.items():
+        client.set_model_version_tag(name, str(mv.version), k, v)
     return mv, (str(before) if before is not None else None)
+
+
+def registered_model(client: Any, name: str, tracking_uri: Optional[str]) -> Any:
+    """The registered model ``name``, or a ConfigError listing the models that exist."""
+    from mlflow.exceptions import MlflowException
+
+    from kdray.tracking import resolve_tracking_uri
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as e:
+        if not _missing(e):
+            raise
+    names = [m.name for m in client.search_registered_models(max_results=20)]
+    raise ConfigError("NAME", name, f"a registered model in {resolve_tracking_uri(tracking_uri)[0]}"
+                                    f"{': ' + ', '.join(names) if names else ' (none is registered)'}")
+
+
+def _metric_tag(mv: Any, metric: str) -> Optional[float]:
+    try:
+        v = float((mv.tags or {}).get(metric, "nan"))
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _who() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return os.environ.get("USER", "unknown")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def list_models(name: Optional[str] = None, tracking_uri: Optional[str] = None) -> pd.DataFrame:
+    """One row per version of ``name`` (or of every registered model): aliases, key metrics, created."""
+
+    from kdray.tracking import connect
+
+    client = connect(tracking_uri)
+    models = ([registered_model(client, name, tracking_uri)] if name is not None
+              else list(client.search_registered_models(max_results=1000)))
+    rows = []
+    for m in models:
+        by_version: dict[str, list[str]] = {}
+        for a, v in (m.aliases or {}).items():
+            by_version.setdefault(str(v), []).append(a)
+        for v in client.search_model_versions(f"name = '{_q(m.name)}'"):
+            t = v.tags or {}
+            rows.append({"model": m.name, "version": int(v.version),
+                         "aliases": ",".join(sorted(by_version.get(str(v.version), []))),
+                         "val_acc": _num(t.get("val_acc")), "test_acc": _num(t.get("test_acc")),
+                         "method": t.get("method", ""), "student_params": _num(t.get("student_params")),
+                         "search": t.get("search", ""),
+                         "created": datetime.datetime.fromtimestamp(v.creation_timestamp / 1000,
+                                                                    datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")})
+    cols = ["model", "version", "aliases", "val_acc", "test_acc", "method", "student_params", "search", "created"]
+    return pd.DataFrame(rows, columns=cols).sort_values(["model", "version"], ascending=[True, False],
+                                                        ignore_index=True)
+
+
+def _num(v: Any) -> Optional[float]:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None

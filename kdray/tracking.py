@@ -115,11 +115,23 @@ def _local_sqlite_dir(uri: str) -> Optional[Path]:
     return None
 
 
-def use_tracking_uri(uri: str):
-    """Temporarily point MLflow's fluent APIs (``mlflow.pytorch.log_model``) at ``uri``."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+@contextlib.contextmanager
+def use_tracking_uri(uri: str) -> Iterator[None]:
+    """Temporarily point MLflow's global tracking URI at ``uri`` (``mlflow.pytorch.log_model`` and the SQL
+    registry store use it); restores both the global and the ``MLFLOW_TRACKING_URI`` variable."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
 
-    return _use_tracking_uri(uri)
+    old_global, old_env = getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_global)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,10 +221,17 @@ def _read_text(path: str) -> Optional[str]:
 def error_text(trial: Any) -> str:
     """The last line of a failed trial's error (the exception's message)."""
     err = None
-    try:
-        err = trial.get_error() or trial.get_pickled_error()
-    except Exception:  # noqa: BLE001
-        pass
+    # Tune writes the error to the driver's staging folder before calling the callbacks and syncs it
+    # to the run storage later: read the staging copy first.
+    path = getattr(trial, "error_file", None)
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            err = f.read()
+    if not err:
+        try:
+            err = trial.get_error() or trial.get_pickled_error()
+        except Exception:  # noqa: BLE001
+            pass
     lines = [ln.strip() for ln in str(err or "").strip().splitlines() if ln.strip() and not ln.startswith("Failure #")]
     return (lines[-1] if lines else "unknown error")[:1000]
 
@@ -240,6 +259,18 @@ class SearchTracker:
         self._client = None
         self._student_cache: dict[str, tuple[int, int]] = {}
         self._warned: set[str] = set()
+
+    @classmethod
+    def attach(cls, uri: str, experiment: str, space: Any, base_raw: dict, base_dir: str | Path, parent_run_id: str,
+               num_classes: int, teacher: str = "") -> "SearchTracker":
+        """A tracker for the runs of an earlier search (e.g. to register more of its students)."""
+        t = cls(uri, experiment, space, base_raw, base_dir)
+        run = t.client.get_run(parent_run_id)
+        t.experiment_id, t.parent_run_id, t.num_classes = run.info.experiment_id, parent_run_id, num_classes
+        t.teacher = teacher or run.data.tags.get("kdray.teacher", "")
+        t.ended = run.info.status != "RUNNING"
+        t._load_children()
+        return t
 
     def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment state
         state = self.__dict__.copy()
@@ -412,7 +443,7 @@ class SearchTracker:
             params = _params(values)
             for chunk in _chunks(params, 100):
                 c.log_batch(run_id, params=chunk)
-            size = self.student_size(values)
+            size = self.student_size(config or {})
             if size is not None:
                 from mlflow.entities import Metric
 
@@ -423,7 +454,7 @@ class SearchTracker:
         return run_id
 
     def student_size(self, values: dict) -> Optional[tuple[int, int]]:
-        """(parameter count, bytes of its kdray model file) of the trial's student architecture."""
+        """(parameter count, bytes of its kdray model file) of the student of a trial's (Tune) config."""
         if self.num_classes is None:
             return None
         try:

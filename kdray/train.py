@@ -25,7 +25,7 @@ from torch import nn
 from kdray.config import DistillConfig, OptimConfig, TrainConfig
 from kdray.errors import DivergedError
 from kdray.hooks import FeatureHooks
-from kdray.methods import Method, Signals, build_terms
+from kdray.methods import Signals, build_terms
 
 # --------------------------------------------------------------------------------------------------
 # small helpers

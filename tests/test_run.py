@@ -82,7 +82,6 @@ def test_resume_from_a_saved_state_matches_an_uninterrupted_run(tiny_raw, prep, 
     tiny_raw["distill"]["terms"] = [TERMS["fitnet"]]  # adapters must be restored too
     tiny_raw["train"]["epochs"] = 3
     full = run(parse_config(tiny_raw), prep)
-    saved = {}
 
     def stop_after_2(metrics, state):
         if metrics["epoch"] == 2:

@@ -365,7 +365,7 @@ def list_models(name: Optional[str] = None, tracking_uri: Optional[str] = None) 
             rows.append({"model": m.name, "version": int(v.version),
                          "aliases": ",".join(sorted(by_version.get(str(v.version), []))),
                          "val_acc": _num(t.get("val_acc")), "test_acc": _num(t.get("test_acc")),
-                         "method": t.get("method", ""), "student_params": _num(t.get("student_params")),
+                         "method": t.get("method", ""), "student_params": int(_num(t.get("student_params")) or 0) or None,
                          "search": t.get("search", ""),
                          "created": datetime.datetime.fromtimestamp(v.creation_timestamp / 1000,
                                                                     datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")})

@@ -114,6 +114,15 @@ class DistillConfig(Strict):
     terms: list[TermConfig] = Field(default_factory=list)
 
 
+class TeacherCacheConfig(Strict):
+    """The teacher-output cache (:mod:`kdray.cache`), used by offline distillation without augmentation."""
+
+    enabled: bool = True
+    dtype: Literal["float32", "float16"] = "float32"  # of stored layer outputs (logits stay float32)
+    # full layer outputs (all splits) above this many MB are stored in float16; still above it, not cached
+    max_feature_mb: float = Field(2048.0, gt=0)
+
+
 class ExperimentConfig(Strict):
     name: str = "experiment"
     seed: int = 0
@@ -124,6 +133,7 @@ class ExperimentConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = "runs"
     cache_dir: Optional[str] = None  # default: the user cache directory (see kdray.paths)
+    teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
 
     def fingerprint(self) -> str:
         return stable_hash(self.model_dump(mode="json"))

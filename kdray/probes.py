@@ -52,6 +52,20 @@ class Probe(nn.Module):
         return self.linear((z - self.mean) / self.std)
 
 
+@dataclass(frozen=True, order=True)
+class ProbeSpec:
+    """One probe: the teacher layer, how its output is pooled, and the fit's settings."""
+
+    layer: str
+    pooling: str
+    l2: float
+    max_iter: int
+
+    @property
+    def column(self) -> str:  # its name in the teacher cache
+        return f"probe/{self.layer}/{self.pooling}/{self.l2:g}/{self.max_iter}"
+
+
 @dataclass
 class ProbeReport:
     layer: str

@@ -35,6 +35,12 @@ def summary_table(s: Any) -> str:
     return table(rows, [s.name, "value"])
 
 
-def layers_table(infos: Iterable[Any]) -> str:
+def layers_table(infos: Iterable[Any], probe_acc: dict[str, float] | None = None) -> str:
+    """Module paths with output shapes; with ``probe_acc`` (teacher path -> probe validation accuracy) a
+    column saying how well a probe on that layer does the task."""
     rows = [[i.model, i.path, i.type, "x".join(map(str, i.shape)) if i.shape else "-", i.params] for i in infos]
-    return table(rows, ["model", "path", "type", "output shape", "params"])
+    head = ["model", "path", "type", "output shape", "params"]
+    if probe_acc is not None:
+        rows = [r + [fmt(probe_acc[r[1]]) if r[0] == "teacher" and r[1] in probe_acc else "-"] for r in rows]
+        head.append("probe val acc")
+    return table(rows, head)

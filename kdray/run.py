@@ -10,15 +10,17 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import yaml
 from torch import nn
 
+from kdray.cache import CacheRequest, TeacherCache, get_cache
 from kdray.config import ExperimentConfig
 from kdray.data import DataBundle, make_bundle
 from kdray.errors import ConfigError
@@ -42,6 +44,7 @@ class Prepared:
     bundle: DataBundle
     teacher: Optional[nn.Module]
     teacher_info: dict[str, Any]
+    cache: Optional[TeacherCache] = None  # teacher outputs for every example (a search fills it up-front)
 
 
 def prepare(cfg: ExperimentConfig) -> Prepared:
@@ -89,7 +92,7 @@ def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_cla
             raise ConfigError("teacher.model", f"{teacher_classes} output classes",
                               f"{num_classes} classes (those of data set {data_name!r}) for logit KD method "
                               f"{term.method!r}; use probe_kd or feature methods with this teacher")
-    if cfg.distill.scheme == "online" and probe_specs(distiller):
+    if cfg.distill.scheme == "online" and probe_specs(distiller.terms):
         raise ConfigError("distill.scheme", "online", "offline when a probe_kd term is used (probes are fitted "
                                                       "on a frozen teacher)")
     s_shapes = output_shapes(student, example, distiller.student_layers, "student_layers")
@@ -108,13 +111,22 @@ def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
         return Built(distiller, None, None, [], None, None)
     eval_bs = cfg.data.eval_batch_size
     same_classes = prep.teacher_info.get("teacher_classes") == b.num_classes
+    specs = probe_specs(distiller.terms)
+    if cfg.distill.scheme == "offline" and b.augment is None and cfg.teacher_cache.enabled and \
+            (req := cache_request([cfg], prep, example)) is not None:
+        cache = usable_cache(cfg, prep, req, device)
+        signal, reports = cached_signal(cache, distiller, specs)
+        val_pred, test_pred = ([cache.tensor(s, "logits").argmax(1) for s in ("val", "test")] if same_classes
+                               else [None, None])
+        return Built(distiller, signal, None, reports, val_pred, test_pred)
     teacher_val_pred = predict(teacher, b.x_val.to(device), eval_bs).argmax(1).cpu() if same_classes else None
     teacher_test_pred = predict(teacher, b.x_test.to(device), eval_bs).argmax(1).cpu() if same_classes else None
     if cfg.distill.scheme == "online":
         teacher = copy.deepcopy(teacher).train().requires_grad_(True)  # the shared one stays frozen
         return Built(distiller, LiveTeacher(teacher, distiller.teacher_layers, {}), teacher, [], teacher_val_pred,
                      teacher_test_pred)
-    specs = probe_specs(distiller)
+    if b.augment is not None:
+        log.info("teacher signal: live (inputs are augmented, so cached teacher outputs would not match)")
     probe_layers = [s.layer for s in specs]
     layers = sorted(set(distiller.teacher_layers) | set(probe_layers))
     t0 = time.perf_counter()
@@ -122,13 +134,84 @@ def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
     _, val_feats = teacher_pass(teacher, b.x_val.to(device), probe_layers, eval_bs)
     probes, reports = fit_probes(specs, feats, b.y_train.to(device), val_feats, b.y_val.to(device), b.num_classes)
     if b.augment is not None:
-        log.info("teacher signal: live (inputs are augmented, so cached teacher outputs would not match)")
         signal: Any = LiveTeacher(teacher, distiller.teacher_layers, probes)
     else:
         probe_logits = {p: probe(feats[p]) for p, probe in probes.items()}
-        signal = PrecomputedTeacher(logits, {p: feats[p] for p in distiller.teacher_layers}, probe_logits)
-        log.info("teacher signal: precomputed once for %d examples in %.2fs", len(b.x_train), time.perf_counter() - t0)
+        signal = PrecomputedTeacher(logits, {p: feats[p] for p in feature_layers(distiller.terms)}, probe_logits)
+        log.info("teacher signal: computed once in memory for %d examples in %.2fs (not cached)", len(b.x_train),
+                 time.perf_counter() - t0)
     return Built(distiller, signal, None, reports, teacher_val_pred, teacher_test_pred)
+
+
+# --------------------------------------------------------------------------------------------------
+# the teacher cache (kdray.cache) as the teacher signal
+
+
+def feature_layers(terms: Iterable[Any]) -> list[str]:
+    """Teacher layers whose full outputs a term matches (probe_kd terms only need their probe's output)."""
+    return sorted({p for m in terms if m.name != "probe_kd" for p in m.teacher_layers})
+
+
+def cache_request(cfgs: list[ExperimentConfig], prep: Prepared, example: torch.Tensor) -> Optional[CacheRequest]:
+    """What the offline runs of ``cfgs`` (one run, or every corner of a search space) need from the teacher,
+    in float16 when float32 would exceed the feature budget; None when even float16 would (then each run
+    computes the teacher's outputs in memory, uncached)."""
+    from kdray.methods import build_terms
+
+    req = CacheRequest(dtype=cfgs[0].teacher_cache.dtype)
+    for cfg in cfgs:
+        if cfg.distill.scheme == "offline":
+            terms = [m for _, _, m in build_terms(cfg.distill.terms, cfg.distill.temperature)]
+            req = req.union(CacheRequest(tuple(feature_layers(terms)), tuple(probe_specs(terms)), req.dtype))
+    return fit_budget(req, cfgs[0], prep, example)
+
+
+def fit_budget(req: CacheRequest, cfg: ExperimentConfig, prep: Prepared, example: torch.Tensor
+               ) -> Optional[CacheRequest]:
+    if not req.feature_layers or prep.teacher is None:
+        return req
+    b = prep.bundle
+    n = len(b.x_train) + len(b.x_val) + len(b.x_test)
+    shapes = output_shapes(prep.teacher, example[:2].to(next(prep.teacher.parameters()).device),
+                           list(req.feature_layers), "teacher_layers")
+    per_example = sum(math.prod(s[1:]) for s in shapes.values())
+    budget = cfg.teacher_cache.max_feature_mb * 1e6
+    size = lambda dtype: n * per_example * (2 if dtype == "float16" else 4)  # noqa: E731
+    if size(req.dtype) <= budget:
+        return req
+    if size("float16") <= budget:
+        log.info("teacher cache: full outputs of %s take %.0f MB in %s, over teacher_cache.max_feature_mb=%g: "
+                 "storing them in float16", ", ".join(req.feature_layers), size(req.dtype) / 1e6, req.dtype,
+                 cfg.teacher_cache.max_feature_mb)
+        return CacheRequest(req.feature_layers, req.probes, "float16")
+    log.info("teacher cache: full outputs of %s take %.0f MB even in float16, over teacher_cache.max_feature_mb=%g:"
+             " not cached", ", ".join(req.feature_layers), size("float16") / 1e6, cfg.teacher_cache.max_feature_mb)
+    return None
+
+
+def usable_cache(cfg: ExperimentConfig, prep: Prepared, req: CacheRequest, device: torch.device) -> TeacherCache:
+    if prep.cache is not None and prep.cache.covers(req):
+        return prep.cache
+    return get_cache(prep.teacher, prep.bundle, req, cache_root=cfg.cache_dir, info=cache_info(cfg),
+                     batch_size=cfg.data.eval_batch_size, device=device)
+
+
+def cache_info(cfg: ExperimentConfig) -> dict:
+    return {"teacher": {"model": cfg.teacher.model.name if cfg.teacher else ""},
+            "data": {"config": cfg.data.model_dump(mode="json")}}
+
+
+def cached_signal(cache: TeacherCache, distiller: Distiller, specs: list) -> tuple[PrecomputedTeacher, list]:
+    probe_logits, reports = {}, []
+    for spec in specs:
+        logits, report = cache.probe(spec)
+        probe_logits[spec.layer] = logits
+        reports.append(report)
+    signal = PrecomputedTeacher(cache.tensor("train", "logits"),
+                                {p: cache.tensor("train", f"feat/{p}") for p in feature_layers(distiller.terms)},
+                                probe_logits)
+    log.info("teacher signal: from the teacher cache (entry %s, %s)", cache.key, "hit" if cache.hit else "built now")
+    return signal, reports
 
 
 @dataclass
@@ -168,6 +251,9 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
     data = Data(b.x_train, b.y_train, b.x_val, b.y_val, cfg.data.batch_size, cfg.data.eval_batch_size, b.augment,
                 b.x_test, b.y_test, built.teacher_test_pred)
     module = wrap(built.distiller) if wrap else built.distiller
+    if built.probes:  # every epoch's report says how well the probes behind the soft targets do the task
+        probe_acc = {"probe_val_acc": sum(r.val_acc for r in built.probes) / len(built.probes)}
+        callbacks = tuple((lambda cb: lambda m, state_fn: cb({**m, **probe_acc}, state_fn))(cb) for cb in callbacks)
     show = cfg.train.progress and rank == 0
     try:
         with epoch_bar(cfg.train.epochs, cfg.name, show) as bar:
@@ -222,3 +308,23 @@ def list_model_layers(cfg: ExperimentConfig, which: str = "both") -> list:
     if which in ("student", "both"):
         out += list_layers(build_model(cfg.student, b.num_classes), example, "student")
     return out
+
+
+def probe_layer_accuracies(cfg: ExperimentConfig, pooling: str) -> dict[str, float]:
+    """Validation accuracy of a Probe-KD probe (``pooling``, default l2 and iterations) on every teacher layer
+    whose output has a batch dimension, through the teacher cache (the teacher is trained if need be)."""
+    from kdray.hooks import list_layers
+    from kdray.methods import METHODS
+    from kdray.probes import ProbeSpec
+
+    prep = prepare(cfg)
+    if prep.teacher is None:
+        raise ConfigError("teacher", None, "a teacher (probes are fitted on its layers)")
+    b = prep.bundle
+    example = b.x_train[: min(len(b.x_train), cfg.data.batch_size)]
+    opts = METHODS.get("probe_kd").Options(pooling=pooling)
+    paths = [i.path for i in list_layers(prep.teacher, example, "teacher") if i.shape and i.shape[0] == len(example)]
+    req = CacheRequest((), tuple(ProbeSpec(p, pooling, opts.l2, opts.max_iter) for p in paths), cfg.teacher_cache.dtype)
+    cache = get_cache(prep.teacher, b, req, cache_root=cfg.cache_dir, info=cache_info(cfg),
+                      batch_size=cfg.data.eval_batch_size)
+    return {r["layer"]: r["val_acc"] for r in cache.manifest["probes"] if r["pooling"] == pooling and r["layer"] in paths}

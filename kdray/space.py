@@ -270,10 +270,30 @@ def corner_values(space: SearchSpace) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"search.points_to_evaluate[{i}]", dict(first, **point)
 
 
-def check_space(space: SearchSpace, base_raw: dict, base_dir: Path) -> ExperimentConfig:
+def choice_combinations(space: SearchSpace, base_raw: dict, base_dir: Path, limit: int = 1000
+                        ) -> list[ExperimentConfig]:
+    """The trial configs of every combination of each method's choice dimensions (ranges at their low
+    end): all the layer / pooling / pairing combinations trials can draw, e.g. to cache what they need."""
+    import itertools
+
+    dims = dimensions(space)
+    first = {n: _encode(d.corners()[0]) for n, (_, d) in dims.items()}
+    out: list[ExperimentConfig] = []
+    for m in list(space.methods) or [None]:
+        owned = [n for n in dims if n != "method" and dims[n][1].choice is not None
+                 and (n in space.params or (m is not None and n.split(".")[0] == m))]
+        options = [[_encode(c) for c in dims[n][1].choice] for n in owned]
+        for combo in itertools.islice(itertools.product(*options), limit):
+            values = dict(first, **dict(zip(owned, combo)), **({"method": m} if m is not None else {}))
+            out.append(parse_config(trial_raw(space, base_raw, values), base_dir))
+    return out
+
+
+def check_space(space: SearchSpace, base_raw: dict, base_dir: Path) -> list[ExperimentConfig]:
     """Validate every corner of the space (config rules, then layers on one batch of real inputs).
 
-    Returns the parsed config of the first corner. Raises ConfigError naming the space field.
+    Returns the parsed configs of the corners, the first corner first. Raises ConfigError naming the space
+    field.
     """
     import torch
 
@@ -303,7 +323,7 @@ def check_space(space: SearchSpace, base_raw: dict, base_dir: Path) -> Experimen
                 build_distiller(cfg, teacher, bundle.num_classes, example, bundle.name).close()
         except ConfigError as e:
             raise ConfigError(f"{e.field} (trial values {_describe(cfg)})", e.value, e.allowed) from None
-    return first
+    return checked
 
 
 def _describe(cfg: ExperimentConfig) -> str:

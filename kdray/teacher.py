@@ -11,7 +11,7 @@ import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from kdray.errors import ConfigError
 from kdray.hooks import FeatureHooks
 from kdray.models import build_model
 from kdray.paths import atomic_write_bytes, cache_dir
-from kdray.probes import Probe, ProbeReport, accuracy as probe_accuracy, fit_probe
+from kdray.probes import Probe, ProbeReport, ProbeSpec, accuracy as probe_accuracy, fit_probe
 from kdray.train import Data, Distiller, TeacherOutputs, accuracy, fit, predict, resolve_device, seed_everything
 
 log = logging.getLogger("kdray")
@@ -164,8 +164,8 @@ class PrecomputedTeacher:
     probe_logits: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def outputs(self, idx: torch.Tensor, x: torch.Tensor) -> TeacherOutputs:
-        dev = x.device
-        return TeacherOutputs(self.logits[idx].to(dev), {k: v[idx].to(dev) for k, v in self.features.items()},
+        dev = x.device  # features may be stored in float16 (teacher cache): the losses get float32
+        return TeacherOutputs(self.logits[idx].to(dev), {k: v[idx].to(dev, torch.float32) for k, v in self.features.items()},
                               {k: v[idx].to(dev) for k, v in self.probe_logits.items()})
 
 
@@ -187,17 +187,10 @@ class LiveTeacher:
         self._hooks.__exit__(None, None, None)
 
 
-@dataclass
-class ProbeSpec:
-    layer: str
-    pooling: str
-    l2: float
-    max_iter: int
-
-
-def probe_specs(distiller: Distiller) -> list[ProbeSpec]:
+def probe_specs(terms: Iterable[Any]) -> list[ProbeSpec]:
+    """The probes that the probe_kd terms among ``terms`` (built methods, e.g. ``distiller.terms``) need."""
     specs: dict[str, ProbeSpec] = {}
-    for i, m in enumerate(distiller.terms):
+    for i, m in enumerate(terms):
         if m.name != "probe_kd":
             continue
         s = ProbeSpec(m.teacher_layers[0], m.opts.pooling, m.opts.l2, m.opts.max_iter)

@@ -1,0 +1,382 @@
+"""Teacher-output cache: what a frozen teacher says about every example, computed once, kept on disk.
+
+An entry holds, for the train, validation and test examples in example order (with example ids): the
+teacher's logits, the full outputs of the layers that feature methods match, the pooled outputs of the
+layers that Probe-KD probes read, and the predictions of the probes fitted on them. It is keyed by a
+fingerprint of the teacher weights, the data (content, split, labelled subset, sample counts), the layers,
+poolings, probe settings and the storage dtype, so any change makes a new entry.
+
+On disk (``<cache>/teacher_outputs/<key>/``): one Parquet file per split (fixed-size-list columns, float32
+or float16) and ``manifest.json`` with the shapes, the probes' accuracies, the size per example and a
+SHA-256 per file. A file whose checksum does not match is reported and the entry rebuilt, never used.
+An entry whose content covers a request (same teacher, data and dtype; a superset of layers and
+probes) serves it, so ``kdray train`` reuses what a search built.
+
+Plain PyTorch, NumPy and pyarrow: nothing here knows about Ray or MLflow. A search puts the loaded
+arrays in the Ray object store once; NumPy arrays come back from it zero-copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdray.config import stable_hash
+from kdray.data import DataBundle
+from kdray.hooks import FeatureHooks
+from kdray.paths import cache_dir
+from kdray.probes import Probe, ProbeReport, ProbeSpec, fit_probe, pool
+
+log = logging.getLogger("kdray")
+
+FORMAT = "kdray-teacher-cache-v1"
+SPLITS = ("train", "val", "test")
+ENTRIES = "teacher_outputs"
+
+
+@dataclass(frozen=True)
+class CacheRequest:
+    """What a run (or every trial of a search) needs from the teacher."""
+
+    feature_layers: tuple[str, ...] = ()  # full outputs (feature methods)
+    probes: tuple[ProbeSpec, ...] = ()
+    dtype: str = "float32"  # of the stored features: float32 | float16
+
+    @property
+    def pooled(self) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted({(p.layer, p.pooling) for p in self.probes}))
+
+    def union(self, other: "CacheRequest") -> "CacheRequest":
+        return CacheRequest(tuple(sorted(set(self.feature_layers) | set(other.feature_layers))),
+                            tuple(sorted(set(self.probes) | set(other.probes))), self.dtype)
+
+    def describe(self) -> dict:
+        return {"feature_layers": list(self.feature_layers), "probes": [asdict(p) for p in self.probes],
+                "dtype": self.dtype}
+
+
+# --------------------------------------------------------------------------------------------------
+# fingerprints
+
+
+def _hash_tensors(h: "hashlib._Hash", tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def teacher_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the teacher's class, parameter and buffer names, shapes and values."""
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    _hash_tensors(h, sorted(model.state_dict().items()))
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(bundle: DataBundle) -> str:
+    """SHA-256 of the data's content in split order (inputs and labels, -1 for unlabelled) and its config hash."""
+    h = hashlib.sha256(bundle.fingerprint.encode())
+    _hash_tensors(h, [("x_train", bundle.x_train), ("y_train", bundle.y_train), ("x_val", bundle.x_val),
+                      ("y_val", bundle.y_val), ("x_test", bundle.x_test), ("y_test", bundle.y_test)])
+    return h.hexdigest()[:16]
+
+
+def entry_key(teacher_fp: str, data_fp: str, request: CacheRequest) -> str:
+    return stable_hash({"format": FORMAT, "teacher": teacher_fp, "data": data_fp, **request.describe()})
+
+
+# --------------------------------------------------------------------------------------------------
+# the loaded cache
+
+
+@dataclass
+class TeacherCache:
+    """A loaded entry: ``arrays[split][column]`` are NumPy arrays in example order."""
+
+    key: str
+    path: Path
+    manifest: dict
+    arrays: dict[str, dict[str, np.ndarray]]
+    hit: bool  # False when this call built it
+
+    def covers(self, request: CacheRequest) -> bool:
+        return covers(self.manifest, request)
+
+    def tensor(self, split: str, column: str) -> torch.Tensor:
+        a = self.arrays[split][column]
+        with warnings.catch_warnings():  # arrays from the object store are read-only; nothing writes them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(a)
+
+    def probe(self, spec: ProbeSpec) -> tuple[torch.Tensor, ProbeReport]:
+        """The probe's logits on the training examples and its report: from the cache, or fitted now on
+        the cached pooled outputs (a probe setting the search did not list, e.g. a searched ``l2``)."""
+        for p in self.manifest.get("probes", []):
+            if spec.column in self.arrays["train"] and _spec(p) == spec:
+                return self.tensor("train", spec.column), _report(p)
+        probe, report = fit_cached_probe(self.arrays, spec, self.manifest["num_classes"])
+        with torch.no_grad():
+            return probe(self.tensor("train", _pooled_column(spec.layer, spec.pooling)).float()), report
+
+
+def _spec(p: dict) -> ProbeSpec:
+    return ProbeSpec(p["layer"], p["pooling"], p["l2"], p["max_iter"])
+
+
+def _report(p: dict) -> ProbeReport:
+    return ProbeReport(p["layer"], p["pooling"], p["dim"], p["train_acc"], p["val_acc"])
+
+
+def probe_reports(manifest: dict) -> list[ProbeReport]:
+    return [_report(p) for p in manifest.get("probes", [])]
+
+
+def covers(manifest: dict, request: CacheRequest) -> bool:
+    have = manifest.get("request", {})
+    probes = {_spec(p) for p in have.get("probes", [])}
+    pooled = {(p.layer, p.pooling) for p in probes}
+    return (have.get("dtype") == request.dtype and set(request.feature_layers) <= set(have.get("feature_layers", []))
+            and all(p in probes or (p.layer, p.pooling) in pooled for p in request.probes))
+
+
+def _pooled_column(layer: str, pooling: str) -> str:
+    return f"pool/{layer}/{pooling}"
+
+
+def fit_cached_probe(arrays: dict, spec: ProbeSpec, num_classes: int) -> tuple[Probe, ProbeReport]:
+    """Fit ``spec`` on the cached pooled outputs of the labelled training examples."""
+    col = _pooled_column(spec.layer, spec.pooling)
+    y = torch.from_numpy(np.asarray(arrays["train"]["label"]))
+    lab = y >= 0
+    z = torch.from_numpy(np.array(arrays["train"][col], dtype=np.float32))
+    probe = fit_probe(z[lab], y[lab], num_classes, spec.pooling, spec.l2, spec.max_iter)
+    zv = torch.from_numpy(np.array(arrays["val"][col], dtype=np.float32))
+    yv = torch.from_numpy(np.asarray(arrays["val"]["label"]))
+    with torch.no_grad():
+        train_acc = (probe(z[lab]).argmax(1) == y[lab]).float().mean().item()
+        val_acc = (probe(zv).argmax(1) == yv).float().mean().item() if len(yv) else float("nan")
+    return probe, ProbeReport(spec.layer, spec.pooling, z.shape[1], train_acc, val_acc)
+
+
+# --------------------------------------------------------------------------------------------------
+# building an entry
+
+
+@torch.no_grad()
+def teacher_outputs(model: nn.Module, x: torch.Tensor, request: CacheRequest, batch_size: int,
+                    device: torch.device) -> dict[str, np.ndarray]:
+    """Logits, full outputs of the feature layers and pooled outputs of the probe layers for all of ``x``."""
+    layers = sorted(set(request.feature_layers) | {layer for layer, _ in request.pooled})
+    cols: dict[str, list[np.ndarray]] = {"logits": []}
+    cols.update({f"feat/{p}": [] for p in request.feature_layers})
+    cols.update({_pooled_column(p, how): [] for p, how in request.pooled})
+    model.eval()
+    with FeatureHooks(model, layers) as hooks:
+        for i in range(0, len(x), batch_size):
+            cols["logits"].append(model(x[i:i + batch_size].to(device)).float().cpu().numpy())
+            for p in request.feature_layers:
+                cols[f"feat/{p}"].append(hooks.outputs[p].cpu().numpy())
+            for p, how in request.pooled:
+                cols[_pooled_column(p, how)].append(pool(hooks.outputs[p], how).float().cpu().numpy())
+    out = {}
+    for k, parts in cols.items():
+        a = np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+        out[k] = a.astype(request.dtype if k.startswith("feat/") else np.float32, copy=False)
+    return out
+
+
+def _write_parquet(path: Path, columns: dict[str, np.ndarray]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays, names = [], []
+    for name, a in columns.items():
+        a = np.ascontiguousarray(a)
+        if a.ndim == 1:
+            arrays.append(pa.array(a))
+        else:
+            width = int(np.prod(a.shape[1:]))
+            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), width))
+        names.append(name)
+    pq.write_table(pa.Table.from_arrays(arrays, names=names), path, compression="none")
+
+
+def _read_parquet(path: Path, shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    out = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        a = col.flatten().to_numpy(zero_copy_only=False) if hasattr(col, "flatten") and col.type.num_fields == 1 \
+            else col.to_numpy(zero_copy_only=False)
+        out[name] = a.reshape([-1, *shapes[name]]) if name in shapes else a
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_entry(root: Path, key: str, teacher: nn.Module, bundle: DataBundle, request: CacheRequest,
+                info: dict, batch_size: int, device: torch.device) -> Path:
+    """Run the teacher over every split, fit the probes, write the files and the manifest atomically."""
+    t0 = time.perf_counter()
+    tmp = root / f".{key}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    data = {"train": (bundle.x_train, bundle.y_train), "val": (bundle.x_val, bundle.y_val),
+            "test": (bundle.x_test, bundle.y_test)}
+    arrays = {}
+    for split, (x, y) in data.items():
+        cols = teacher_outputs(teacher, x, request, batch_size, device)
+        arrays[split] = {"example_id": np.arange(len(x), dtype=np.int64), "label": y.numpy().astype(np.int64), **cols}
+    probes = []
+    for spec in request.probes:
+        probe, report = fit_cached_probe(arrays, spec, bundle.num_classes)
+        with torch.no_grad():
+            for split in SPLITS:
+                z = torch.from_numpy(arrays[split][_pooled_column(spec.layer, spec.pooling)])
+                arrays[split][spec.column] = probe(z.float()).numpy()
+        probes.append({**asdict(spec), "dim": report.dim, "train_acc": report.train_acc, "val_acc": report.val_acc})
+        log.info("probe on %s (%s pooling): train acc %.3f, val acc %.3f", spec.layer, spec.pooling,
+                 report.train_acc, report.val_acc)
+    files, shapes = {}, {}
+    for split in SPLITS:
+        shapes.update({k: list(v.shape[1:]) for k, v in arrays[split].items()})
+        path = tmp / f"{split}.parquet"
+        _write_parquet(path, arrays[split])
+        files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size, "rows": len(arrays[split]["label"])}
+    n = sum(f["rows"] for f in files.values())
+    total = sum(f["bytes"] for f in files.values())
+    manifest = {"format": FORMAT, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "teacher": info.get("teacher", {}), "data": info.get("data", {}), "num_classes": bundle.num_classes,
+                "request": request.describe(), "shapes": shapes, "files": files, "probes": probes,
+                "examples": n, "bytes": total, "bytes_per_example": round(total / max(n, 1), 1),
+                "build_seconds": round(time.perf_counter() - t0, 2), "notes": info.get("notes", [])}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    final = root / key
+    if final.exists():
+        shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+# --------------------------------------------------------------------------------------------------
+# finding and loading entries
+
+
+class CorruptEntry(Exception):
+    pass
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        m = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptEntry(f"manifest unreadable: {e}") from None
+    if m.get("format") != FORMAT:
+        raise CorruptEntry(f"format {m.get('format')!r}, expected {FORMAT!r}")
+    return m
+
+
+def load_entry(path: Path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    """Manifest and arrays of an entry, every file checked against its SHA-256 first."""
+    m = read_manifest(path)
+    for name, f in m["files"].items():
+        p = path / name
+        if not p.is_file():
+            raise CorruptEntry(f"{name} is missing")
+        if _sha256(p) != f["sha256"]:
+            raise CorruptEntry(f"{name} does not match its checksum")
+    try:
+        arrays = {s: _read_parquet(path / f"{s}.parquet", m["shapes"]) for s in SPLITS}
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
+        raise CorruptEntry(f"unreadable: {e}") from None
+    return m, arrays
+
+
+def entries_root(cache_root: Optional[str] = None) -> Path:
+    root = cache_dir(cache_root) / ENTRIES
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def list_entries(cache_root: Optional[str] = None) -> list[dict]:
+    """One summary per entry (corrupt ones included, marked)."""
+    out = []
+    for p in sorted(entries_root(cache_root).iterdir()):
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        try:
+            m = read_manifest(p)
+            out.append({"key": p.name, "teacher": m["teacher"].get("model", ""), "data": m["data"].get("name", ""),
+                        "examples": m["examples"], "bytes": m["bytes"], "bytes_per_example": m["bytes_per_example"],
+                        "feature_layers": ",".join(m["request"]["feature_layers"]),
+                        "probes": len(m["request"]["probes"]), "dtype": m["request"]["dtype"],
+                        "created": m["created"], "path": str(p)})
+        except CorruptEntry as e:
+            out.append({"key": p.name, "teacher": f"corrupt: {e}", "path": str(p)})
+    return out
+
+
+def remove_entries(keys: list[str], cache_root: Optional[str] = None) -> list[str]:
+    root = entries_root(cache_root)
+    removed = []
+    for k in keys:
+        p = root / k
+        if p.is_dir() and not k.startswith("."):
+            shutil.rmtree(p)
+            removed.append(k)
+    return removed
+
+
+def get_cache(teacher: nn.Module, bundle: DataBundle, request: CacheRequest, *, cache_root: Optional[str] = None,
+              info: Optional[dict] = None, batch_size: int = 1000, device: Optional[torch.device] = None) -> TeacherCache:
+    """The entry for (teacher, data, request): loaded when present and intact, else built (with a message)."""
+    device = device or next(teacher.parameters()).device
+    root = entries_root(cache_root)
+    t_fp, d_fp = teacher_fingerprint(teacher), data_fingerprint(bundle)
+    key = entry_key(t_fp, d_fp, request)
+    info = dict(info or {})
+    info["teacher"] = {**info.get("teacher", {}), "fingerprint": t_fp}
+    info["data"] = {**info.get("data", {}), "fingerprint": d_fp, "name": bundle.name}
+    candidates = [root / key] + [p for p in sorted(root.iterdir()) if p.is_dir() and p.name != key
+                                 and not p.name.startswith(".")]
+    for path in candidates:
+        if not path.is_dir():
+            continue
+        try:
+            m = read_manifest(path)
+            if m["teacher"].get("fingerprint") != t_fp or m["data"].get("fingerprint") != d_fp or not covers(m, request):
+                continue
+            m, arrays = load_entry(path)
+        except CorruptEntry as e:
+            log.warning("teacher cache: entry %s is corrupt (%s): rebuilding it", path.name, e)
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        log.info("teacher cache: hit %s (%d examples, %.0f bytes/example)", path.name, m["examples"],
+                 m["bytes_per_example"])
+        return TeacherCache(path.name, path, m, arrays, hit=True)
+    log.info("teacher cache: building %s (teacher %s, data %s: %s)", key, t_fp, d_fp,
+             ", ".join(f"{k}={v}" for k, v in request.describe().items() if v) or "logits only")
+    path = build_entry(root, key, teacher, bundle, request, info, batch_size, device)
+    m, arrays = load_entry(path)
+    log.info("teacher cache: built %s in %.1fs: %d examples, %.1f MB, %.0f bytes/example", key, m["build_seconds"],
+             m["examples"], m["bytes"] / 1e6, m["bytes_per_example"])
+    return TeacherCache(key, path, m, arrays, hit=False)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from kdray import __version__
-from kdray.errors import KdrayError
+from kdray.errors import ConfigError, KdrayError
 
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
 
@@ -59,6 +60,9 @@ def add_layers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("layers", help="list every module path of teacher and student with its output shape")
     _common_config_args(p)
     p.add_argument("--which", choices=["teacher", "student", "both"], default="both")
+    p.add_argument("--probes", nargs="?", const="mean", metavar="POOLING",
+                   help="also fit a Probe-KD probe on every teacher layer (pooling: mean, max, flatten, first, "
+                        "seq_mean; default mean) and show its validation accuracy (trains the teacher if needed)")
     p.set_defaults(func=cmd_layers)
 
 
@@ -68,8 +72,84 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from kdray.run import list_model_layers
 
     cfg = load_config(args.config, args.overrides)
-    print(layers_table(list_model_layers(cfg, args.which)))
+    acc = None
+    if args.probes:
+        from kdray.run import probe_layer_accuracies
+
+        acc = probe_layer_accuracies(cfg, args.probes)
+    print(layers_table(list_model_layers(cfg, args.which), acc))
     return 0
+
+
+@command
+def add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="the teacher-output cache: build ahead of a search, list, remove")
+    csub = p.add_subparsers(dest="cache_cmd", required=True)
+    b = csub.add_parser("build", help="fill the cache for a search space (or an experiment config)")
+    b.add_argument("path", help="search space or experiment config (YAML)")
+    ls = csub.add_parser("ls", help="list entries: key, teacher, data, size, layers, probes")
+    add_format(ls)
+    rm = csub.add_parser("rm", help="remove entries")
+    rm.add_argument("keys", nargs="*", help="entry keys (see kdray cache ls)")
+    rm.add_argument("--all", action="store_true", help="remove every entry")
+    for q in (b, ls, rm):
+        q.add_argument("--cache-dir", help="cache folder (default: $KDRAY_CACHE_DIR, else the user cache folder)")
+    p.set_defaults(func=cmd_cache)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from kdray import cache
+
+    if args.cache_cmd == "build":
+        from kdray.run import cache_request, prepare
+        from kdray.search import search_cache
+
+        cfgs, is_space = configs_of(args.path, args.cache_dir)
+        prep = prepare(cfgs[0])
+        if is_space:
+            entry = search_cache(cfgs, prep)
+        else:
+            req = cache_request(cfgs, prep, prep.bundle.x_train[: cfgs[0].data.batch_size])
+            entry = None if prep.teacher is None or req is None else cache.get_cache(
+                prep.teacher, prep.bundle, req, cache_root=cfgs[0].cache_dir)
+        if entry is None:
+            print("nothing to cache (no teacher, augmented inputs, the cache turned off, or over its budget)")
+            return 0
+        m = entry.manifest
+        print(f"{'hit' if entry.hit else 'built'} {entry.key}: {m['examples']} examples, {m['bytes'] / 1e6:.2f} MB "
+              f"({m['bytes_per_example']:.0f} bytes/example) in {entry.path}")
+        for r in m.get("probes", []):
+            print(f"  probe {r['layer']} ({r['pooling']}): val acc {r['val_acc']:.4f}")
+        return 0
+    if args.cache_cmd == "ls":
+        rows = cache.list_entries(args.cache_dir)
+        print(render(pd.DataFrame(rows), args.format, hide=("path",)) if rows else "the teacher cache is empty")
+        return 0
+    keys = [e["key"] for e in cache.list_entries(args.cache_dir)] if args.all else args.keys
+    if not keys:
+        raise ConfigError("keys", args.keys, "entry keys from `kdray cache ls`, or --all")
+    missing = sorted(set(keys) - {e["key"] for e in cache.list_entries(args.cache_dir)})
+    if missing:
+        raise ConfigError("keys", missing, "keys of existing entries (see `kdray cache ls`)")
+    for k in cache.remove_entries(keys, args.cache_dir):
+        print(f"removed {k}")
+    return 0
+
+
+def configs_of(path: str, cache_dir: str | None) -> tuple[list, bool]:
+    """The experiment config at ``path``, or for a search space every config its trials can draw (and True)."""
+    from kdray.config import load_config, read_yaml
+    from kdray.space import check_space, choice_combinations, load_space
+
+    if cache_dir:
+        os.environ["KDRAY_CACHE_DIR"] = cache_dir
+    raw = read_yaml(path)
+    if isinstance(raw, dict) and "base" in raw:
+        space, base_raw, base_dir = load_space(path)
+        return check_space(space, base_raw, base_dir) + choice_combinations(space, base_raw, base_dir), True
+    return [load_config(path)], False
 
 
 @command
@@ -151,6 +231,10 @@ def add_promote(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_promote)
 
 
+def add_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+
 def add_tracking_uri(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                           "sqlite:///mlflow.db in the working directory)")
@@ -172,7 +256,7 @@ def add_models(sub: argparse._SubParsersAction) -> None:
     msub = p.add_subparsers(dest="models_cmd", required=True)
     ls = msub.add_parser("list", help="versions, aliases, key metrics and creation time")
     ls.add_argument("name", nargs="?", help="registered model name (default: every registered model)")
-    ls.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    add_format(ls)
     add_tracking_uri(ls)
     ls.set_defaults(func=cmd_models_list)
 
@@ -196,7 +280,7 @@ def add_results(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sort", help="column to sort by (default: the search metric)")
     p.add_argument("--ascending", action="store_true")
     p.add_argument("--top", type=int, default=20)
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    add_format(p)
     p.set_defaults(func=cmd_results)
 
 
@@ -210,6 +294,30 @@ def cmd_results(args: argparse.Namespace) -> int:
             raise ConfigError("--sort", args.sort, "one of " + ", ".join(df.columns))
         df = df.sort_values(args.sort, ascending=args.ascending, na_position="last")
     print(render(df.head(args.top), args.format, hide=("path", "error")))
+    return 0
+
+
+@command
+def add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write a self-contained HTML report of a search (tables and plots)")
+    p.add_argument("experiment", help="search name (under --storage-path) or its folder")
+    p.add_argument("--storage-path")
+    p.add_argument("--output", "-o", help="HTML file (default: <experiment folder>/report.html)")
+    p.add_argument("--metric", default="val_acc")
+    p.add_argument("--mode", choices=["max", "min"], default="max")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kdray.html_report import write_report
+    from kdray.search import read_results, results_path
+
+    df = read_results(args.experiment, args.storage_path)
+    if args.metric not in df.columns:
+        raise ConfigError("--metric", args.metric, "a column of the results: " + ", ".join(df.columns))
+    folder = results_path(args.experiment, args.storage_path).parent
+    out = write_report(df, folder.name, args.output or folder / "report.html", args.metric, args.mode)
+    print(f"wrote {out}")
     return 0
 
 

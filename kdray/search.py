@@ -24,8 +24,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from kdray.config import parse_config
 from kdray.errors import ConfigError, KdrayError
-from kdray.space import (DefineByRun, SearchSettings, SearchSpace, check_space, dimensions, initial_points, load_space,
-                         trial_raw)
+from kdray.space import (DefineByRun, SearchSettings, SearchSpace, check_space, choice_combinations, dimensions,
+                         initial_points, load_space, trial_raw)
 
 log = logging.getLogger("kdray")
 
@@ -71,11 +71,15 @@ def default_storage() -> str:
 
 
 def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
-    """Connect to a cluster, or start a local Ray bound to 127.0.0.1 with token auth."""
+    """Connect to a cluster (``address``, else ``$RAY_ADDRESS``), or start a local Ray bound to 127.0.0.1
+    with token auth."""
     import ray
 
     if ray.is_initialized():
         return
+    if address is None and os.environ.get("RAY_ADDRESS"):  # e.g. inside `ray job submit`, or a sourced env.sh
+        address = os.environ["RAY_ADDRESS"]
+        log.info("Ray: connecting to RAY_ADDRESS=%s", address)
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "runtime_env": {"env_vars": {"KDRAY_CACHE_DIR": os.environ.get("KDRAY_CACHE_DIR", "")}}}
     if address is None:
@@ -265,6 +269,7 @@ def results_frame(result_grid, space: SearchSpace) -> pd.DataFrame:
                f"best_{space.metric}": (hist[space.metric].max() if space.mode == "max" else hist[space.metric].min())
                if space.metric in hist else None,
                "test_acc": last.get("test_acc"), "teacher_agreement": last.get("teacher_agreement"),
+               "probe_val_acc": last.get("probe_val_acc"),
                "epoch_time_s": hist["epoch_time_s"].mean() if "epoch_time_s" in hist else None,
                "error": str(r.error).strip().splitlines()[-1][:300] if r.error is not None else None,
                "path": r.path}
@@ -284,11 +289,15 @@ def _scalar(v: Any) -> Any:
 
 def read_results(experiment: str, storage_path: Optional[str] = None) -> pd.DataFrame:
     """The results table of a finished search, by experiment folder or by name under the storage path."""
+    return pd.read_parquet(results_path(experiment, storage_path))
+
+
+def results_path(experiment: str, storage_path: Optional[str] = None) -> Path:
     p = Path(experiment)
     candidates = [p / RESULTS_FILE, p, Path(storage_path or default_storage()) / experiment / RESULTS_FILE]
     for c in candidates:
         if c.is_file():
-            return pd.read_parquet(c)
+            return c
     raise ConfigError("EXPERIMENT", experiment, f"a search folder holding {RESULTS_FILE} or a search name under "
                                                 f"{storage_path or default_storage()}")
 
@@ -324,7 +333,8 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
     t0 = time.perf_counter()
     space, base_raw, base_dir = load_space(space_path)
     s = settings_with(space, opts.overrides)
-    first = check_space(space, base_raw, base_dir)  # every value and layer, before any trial or teacher
+    corners = check_space(space, base_raw, base_dir)  # every value and layer, before any trial or teacher
+    first = corners[0]
     max_epochs = s.max_epochs or first.train.epochs
     storage = opts.storage_path or default_storage()
     exp_path = _join(storage, space.name)
@@ -345,8 +355,9 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
 
     init_ray(opts.address, opts.num_cpus)
     prep = prepare(first)
-    log.info("teacher and data prepared once (%s); sharing them through the object store",
-             prep.teacher_info.get("source", "no teacher"))
+    prep.cache = search_cache(corners + choice_combinations(space, base_raw, base_dir), prep)
+    log.info("teacher%s and data prepared once (%s); sharing them through the object store",
+             " outputs" if prep.cache is not None else "", prep.teacher_info.get("source", "no teacher"))
     shared = [ray.put(prep)]
     trainable = tune.with_parameters(
         trial, shared=shared, space_raw=space.model_dump(mode="json", by_alias=True), base_raw=base_raw,
@@ -359,7 +370,12 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
 
         resources = tune_resources_for(s.workers_per_trial, s.cpus_per_worker, s.gpus_per_worker)
     trainable = tune.with_resources(trainable, resources)
-    callbacks = [_progress_callback(s.num_trials, space.metric, space.mode, opts.progress)]
+    from kdray.metrics import SearchMetrics
+
+    metrics = SearchMetrics(space.name, space.metric, space.mode)
+    if prep.cache is not None:
+        metrics.cache_lookup(prep.cache.hit)
+    callbacks = [_progress_callback(s.num_trials, space.metric, space.mode, opts.progress), metrics]
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     searcher = None
     registered: list = []
@@ -369,7 +385,8 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
 
             tracker.start(exp_path, resume=opts.resume, settings=s.model_dump(mode="json"), space_path=space_path,
                           ray_address=opts.address, teacher_info=prep.teacher_info,
-                          num_classes=prep.bundle.num_classes)
+                          num_classes=prep.bundle.num_classes,
+                          probes=prep.cache.manifest.get("probes", []) if prep.cache is not None else [])
             callbacks.append(MlflowSearchCallback(tracker))
         if opts.resume:
             tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
@@ -404,6 +421,28 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
     study = searcher.searcher._ot_study if searcher is not None else None
     return SearchOutcome(table, exp_path, baseline, time.perf_counter() - t0, study, registered,
                          tracker.parent_run_id if tracker is not None else None)
+
+
+def search_cache(corners: list, prep: Any) -> Any:
+    """The teacher-output cache entry covering every corner of the space (built now when missing), or None
+    when the search has no teacher, augments its inputs, or turned the cache off."""
+    from kdray.cache import get_cache
+    from kdray.run import cache_info, cache_request
+
+    cfg = corners[0]
+    if prep.teacher is None or prep.bundle.augment is not None or not cfg.teacher_cache.enabled:
+        if prep.bundle.augment is not None:
+            log.info("teacher signal: live in every trial (inputs are augmented, so cached outputs would not match)")
+        return None
+    b = prep.bundle
+    req = cache_request(corners, prep, b.x_train[: cfg.data.batch_size])
+    if req is None:
+        return None
+    cache = get_cache(prep.teacher, b, req, cache_root=cfg.cache_dir, info=cache_info(cfg),
+                      batch_size=cfg.data.eval_batch_size)
+    for r in cache.manifest.get("probes", []):
+        log.info("probe on %s (%s pooling): val acc %.3f", r["layer"], r["pooling"], r["val_acc"])
+    return cache
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:

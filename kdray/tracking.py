@@ -288,8 +288,11 @@ class SearchTracker:
     # ---- the parent run
 
     def start(self, exp_path: str, *, resume: bool, settings: dict, space_path: str | Path,
-              ray_address: Optional[str], teacher_info: dict, num_classes: int) -> str:
-        """Find or create the experiment and the parent run (reused on resume); returns its id."""
+              ray_address: Optional[str], teacher_info: dict, num_classes: int, probes: list[dict] = ()) -> str:
+        """Find or create the experiment and the parent run (reused on resume); returns its id.
+
+        ``probes`` (the probes fitted up-front on the candidate layers) go on the parent run as metrics
+        ``probe_val_acc.<layer>.<pooling>``."""
         c = self.client
         self.num_classes = num_classes
         self.teacher = self._teacher_label(teacher_info)
@@ -325,6 +328,13 @@ class SearchTracker:
             self.parent_run_id = self._create_parent(exp_path, settings, space_path, ray_address)
             log.info("MLflow: parent run %s in experiment %r (%s)", self.parent_run_id, self.experiment, self.uri)
         _write_text(id_file, self.parent_run_id + "\n")
+        if probes:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            c.log_batch(self.parent_run_id, metrics=[
+                Metric(_KEY_OK.sub("_", f"probe_val_acc.{p['layer']}.{p['pooling']}"), float(p["val_acc"]), now, 0)
+                for p in probes if math.isfinite(p["val_acc"])])
         return self.parent_run_id
 
     def _teacher_label(self, info: dict) -> str:

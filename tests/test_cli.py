@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kdray.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,3 +58,26 @@ def test_bad_configs_exit_2_naming_the_problem(tmp_path, tiny_raw, edit, expecte
         assert text in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_report_writes_one_self_contained_html(tmp_path, capsys):
+    import pandas as pd
+
+    exp = tmp_path / "results" / "demo"
+    exp.mkdir(parents=True)
+    pd.DataFrame({
+        "trial_id": ["a", "b", "c", "d"], "status": ["finished", "pruned", "failed", "finished"],
+        "param.method": ["kd", "kd", "fitnet", "probe_kd"], "param.kd.0.temperature": [2.0, 6.0, None, None],
+        "epochs": [4, 2, 1, 4], "val_acc": [0.81, 0.52, None, 0.86], "test_acc": [0.8, None, None, 0.85],
+        "error": [None, None, "diverged at epoch 1", None], "path": ["/x/a", "/x/b", "/x/c", "/x/d"],
+    }).to_parquet(exp / "results.parquet")
+    assert main(["report", "demo", "--storage-path", str(tmp_path / "results")]) == 0
+    out = exp / "report.html"
+    assert f"wrote {out}" in capsys.readouterr().out
+    text = out.read_text()
+    assert text.count("<img alt=") == 3  # best over trials, by parameter, parallel coordinates (PNG, base64)
+    assert "iframe sandbox" in text  # the interactive view, inlined
+    assert "Best trial" in text and ">d<" in text and "0.86" in text and "diverged at epoch 1" in text
+    assert "<script src=" not in text  # nothing to fetch when opened
+    assert main(["report", "demo", "--storage-path", str(tmp_path / "results"), "--metric", "nope"]) == 2
+    assert main(["report", "missing", "--storage-path", str(tmp_path / "results")]) == 2

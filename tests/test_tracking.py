@@ -108,6 +108,11 @@ def test_one_parent_one_child_per_trial_with_epoch_metrics_and_statuses(tracked)
     tags = parent.data.tags
     assert tags["kdray.version"] and tags["kdray.ray_address"] == "local" and "mnist1d_cnn" in tags["kdray.teacher"]
     assert parent.data.params["space.name"] == "tiny-search"
+    # the probes fitted up-front on every candidate layer of the space (relu2/relu3 x mean/flatten)
+    assert {k for k in parent.data.metrics if k.startswith("probe_val_acc.")} == {
+        f"probe_val_acc.{layer}.{pooling}" for layer in ("relu2", "relu3") for pooling in ("mean", "flatten")}
+    probe_rows = df[df["param.method"] == "probe_kd"]
+    assert probe_rows["probe_val_acc"].between(0, 1).all()
     assert parent.data.params["base.student.name"] == "mnist1d_cnn_small"
     assert parent.data.params["search.num_trials"] == "6"
     files = artifact_files(c, parent.info.run_id)

@@ -30,6 +30,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_processes(patterns: list[str], grace_s: float = 15) -> None:
+    """SIGTERM the processes whose command line matches, then SIGKILL what is left after ``grace_s``."""
+    for p in patterns:
+        subprocess.run(["pkill", "-f", p], check=False)
+    deadline = time.time() + grace_s
+    while time.time() < deadline and any(subprocess.run(["pgrep", "-f", p], capture_output=True).stdout
+                                         for p in patterns):
+        time.sleep(0.5)
+    for p in patterns:
+        subprocess.run(["pkill", "-9", "-f", p], check=False)
+
+
 @pytest.fixture
 def two_node_cluster():
     ray_bin = str(Path(sys.executable).with_name("ray"))
@@ -44,9 +56,7 @@ def two_node_cluster():
                        capture_output=True, timeout=120)
         yield f"{HOST}:{port}", env
     finally:
-        subprocess.run(["pkill", "-f", str(temp)], check=False)  # only this cluster's processes
-        subprocess.run(["pkill", "-f", f"{HOST}:{port}"], check=False)
-        time.sleep(1)
+        stop_processes([str(temp), f"{HOST}:{port}"])  # only this cluster's processes
         shutil.rmtree(temp, ignore_errors=True)
 
 

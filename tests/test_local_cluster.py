@@ -72,4 +72,4 @@ def test_job_submit_and_address_searches_log_to_the_local_mlflow_server(cluster,
         assert len(parents) == 1 and len(children) == 2, name
         assert all(r.info.status == "FINISHED" for r in runs), name
         assert parents[0].data.tags["kdray.ray_address"] in ("auto", ray_address)
-    assert c.get_model_version_by_alias("quickstart-student", "challenger")
+        assert c.get_model_version_by_alias(f"{name}-student", "challenger").run_id in {r.info.run_id for r in children}

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -199,6 +200,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                          progress=not args.no_progress, baseline=not args.no_baseline,
                          tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment,
                          register_top=args.register_top)
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends a search like Ctrl-C: runs closed, state saved
     outcome = run_search(args.space, opts)
     metric = next(c for c in outcome.table.columns if c.startswith("best_")).removeprefix("best_") \
         if not outcome.table.empty else "val_acc"
@@ -215,6 +217,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"registered model {r['name']} version {r['version']}{' @' + r['alias'] if r['alias'] else ''} "
               f"<- trial {r['trial_id']} (rank {r['rank']}, run {r['run_id']})")
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 @command
@@ -352,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     except KdrayError as e:
         print(f"kdray: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("kdray: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"kdray: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
 
 

@@ -28,6 +28,7 @@ class SearchMetrics(Callback):
         self.search, self.metric, self.mode = search, metric, mode
         self.counts = dict.fromkeys(STATES, 0)
         self.best: Optional[float] = None
+        self.unfinished: list[str] = []  # trials Tune did not finish (an interrupted search)
         self._m = None
 
     def _metrics(self):
@@ -83,3 +84,6 @@ class SearchMetrics(Callback):
         self.counts["running"] = max(0, self.counts["running"] - 1)
         self.counts["errored"] += 1
         self._publish()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.unfinished = [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]

@@ -9,10 +9,13 @@ the object store once, and every trial gets a reference.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,11 +405,14 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
                     name=space.name, storage_path=storage, verbose=0, callbacks=callbacks,
                     failure_config=tune.FailureConfig(max_failures=s.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-        grid = tuner.fit()
+        with sigterm_stops_tune():
+            grid = tuner.fit()
         table = results_frame(grid, space)
         out = _join(exp_path, RESULTS_FILE)
         table.to_parquet(out) if "://" in out else _write_parquet(table, Path(out))
-        baseline = hard_label_baseline(space, base_raw, base_dir, prep, max_epochs) if opts.baseline else None
+        unfinished = len(metrics.unfinished) + max(0, s.num_trials - len(table))
+        baseline = (hard_label_baseline(space, base_raw, base_dir, prep, max_epochs)
+                    if opts.baseline and not unfinished else None)
         if tracker is not None:
             example = prep.bundle.x_test[:2].numpy()  # batch > 1: the exported model keeps a dynamic batch
             table, registered = tracker.finish(grid, table, register_top=opts.register_top, input_example=example,
@@ -414,6 +420,12 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
                                                expected_trials=s.num_trials)
             if registered:
                 table.to_parquet(out) if "://" in out else _write_parquet(table, Path(out))
+            if tracker.lost_summary():
+                log.warning("MLflow: some writes failed while the tracking server was unreachable; not logged: %s. "
+                            "Every trial's metrics are in %s and its result.json files.", tracker.lost_summary(), out)
+        if unfinished:
+            raise KeyboardInterrupt(f"search interrupted with {unfinished} trial(s) unfinished; results so far in "
+                                    f"{out}; continue it with --resume")
     except BaseException as e:
         if tracker is not None:
             tracker.close_after_error(e)
@@ -421,6 +433,32 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
     study = searcher.searcher._ot_study if searcher is not None else None
     return SearchOutcome(table, exp_path, baseline, time.perf_counter() - t0, study, registered,
                          tracker.parent_run_id if tracker is not None else None)
+
+
+@contextlib.contextmanager
+def sigterm_stops_tune():
+    """SIGTERM during ``Tuner.fit`` stops Tune as Ctrl-C does (through Tune's SIGUSR1 handler), so trials
+    end, state is saved and the runs are closed; outside it SIGTERM raises KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    in_fit = {"on": False}
+
+    def on_sigterm(signum, frame):
+        usr1 = signal.getsignal(signal.SIGUSR1)
+        if in_fit["on"] and callable(usr1):
+            log.warning("SIGTERM: stopping the search as for Ctrl-C (continue it with --resume)")
+            usr1(signal.SIGUSR1, frame)
+        else:
+            raise KeyboardInterrupt("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, on_sigterm)
+    in_fit["on"] = True
+    try:
+        yield
+    finally:
+        in_fit["on"] = False
+        signal.signal(signal.SIGTERM, old)
 
 
 def search_cache(corners: list, prep: Any) -> Any:

@@ -259,6 +259,7 @@ class SearchTracker:
         self._client = None
         self._student_cache: dict[str, tuple[int, int]] = {}
         self._warned: set[str] = set()
+        self.lost: dict[str, set[str]] = {}  # MLflow writes that failed: hook -> trial ids
 
     @classmethod
     def attach(cls, uri: str, experiment: str, space: Any, base_raw: dict, base_dir: str | Path, parent_run_id: str,
@@ -529,10 +530,30 @@ class SearchTracker:
         self.statuses[trial_id] = status
         self.open.discard(trial_id)
 
-    def warn_once(self, what: str, e: BaseException) -> None:
+    def warn_once(self, what: str, e: BaseException, trial_id: Optional[str] = None) -> None:
+        """An MLflow write failed (e.g. the server is away): the search goes on; what was lost is counted and
+        said at the end (:meth:`lost_summary`), the first failure of each kind right away."""
+        self.lost.setdefault(what, set()).add(trial_id or "-")
         if what not in self._warned:
             self._warned.add(what)
-            log.warning("MLflow logging failed in %s (the search goes on): %s", what, _first_line(e))
+            log.warning("MLflow logging failed in %s (the search goes on; trials keep training): %s", what,
+                        _first_line(e))
+
+    def lost_summary(self) -> Optional[str]:
+        if not self.lost:
+            return None
+        return "; ".join(f"{what}: trials {', '.join(sorted(t))}" for what, t in sorted(self.lost.items()))
+
+    def trial_recovered(self, trial_id: str, error: str) -> None:
+        """Tune restarts a failed trial from its last checkpoint: same child run, the retry on record."""
+        run_id = self.children.get(trial_id) or self._child_for(trial_id)
+        if run_id is None:
+            return
+        c = self.client
+        n = int(c.get_run(run_id).data.tags.get("kdray.retries", "0")) + 1
+        c.set_tag(run_id, "kdray.retries", str(n))
+        c.set_tag(run_id, f"kdray.retry_{n}_error", error[:5000])
+        c.set_tag(run_id, STATUS_TAG, "retrying")
 
     # ---- the end of the search
 
@@ -624,7 +645,7 @@ class MlflowSearchCallback(Callback):
         try:
             fn(*args)
         except Exception as e:  # noqa: BLE001
-            self.tracker.warn_once(what, e)
+            self.tracker.warn_once(what, e, args[0] if args and isinstance(args[0], str) else None)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._safe("on_trial_start", self.tracker.trial_started, trial.trial_id, trial.config)
@@ -634,6 +655,9 @@ class MlflowSearchCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._safe("on_trial_complete", self.tracker.trial_completed, trial.trial_id, trial.last_result)
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self._safe("on_trial_recover", self.tracker.trial_recovered, trial.trial_id, error_text(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._safe("on_trial_error", self.tracker.trial_errored, trial.trial_id, error_text(trial))

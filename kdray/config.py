@@ -123,6 +123,14 @@ class TeacherCacheConfig(Strict):
     max_feature_mb: float = Field(2048.0, gt=0)
 
 
+class ExportConfig(Strict):
+    """Compressed variants of the trained student (:mod:`kdray.compress`), measured beside the float one."""
+
+    sparsity: float = Field(0.0, ge=0, lt=1)  # share of conv/linear weights pruned by magnitude (0: none)
+    finetune_epochs: int = Field(2, ge=0)  # fine-tuning under distillation after pruning
+    quantize: bool = False  # also measure (and save) a dynamic int8 variant
+
+
 class ExperimentConfig(Strict):
     name: str = "experiment"
     seed: int = 0
@@ -134,6 +142,7 @@ class ExperimentConfig(Strict):
     output_dir: str = "runs"
     cache_dir: Optional[str] = None  # default: the user cache directory (see kdray.paths)
     teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     def fingerprint(self) -> str:
         return stable_hash(self.model_dump(mode="json"))

@@ -31,6 +31,9 @@ def summary_table(s: Any) -> str:
         rows.append([f"probe val acc [{p['layer']}]", fmt(p["val_acc"])])
     last = s.history[-1] if s.history else {}
     rows += [[f"last epoch {k}", fmt(v)] for k, v in last.items() if k.startswith("loss")]
+    for variant, m in getattr(s, "export", {}).items():
+        rows.append([f"{variant} student", f"test acc {fmt(m['test_acc'])}, {m['size_bytes']} bytes, "
+                                           f"{m['latency_ms']:.3f} ms/batch, {100 * m['sparsity']:.0f}% zeros"])
     rows += [["seconds", f"{s.seconds:.1f}"], ["saved to", s.output_dir or "-"]]
     return table(rows, [s.name, "value"])
 

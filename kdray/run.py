@@ -69,6 +69,7 @@ class Built:
     probes: list[ProbeReport]
     teacher_val_pred: Optional[torch.Tensor]
     teacher_test_pred: Optional[torch.Tensor]
+    int8: Optional[nn.Module] = None  # the dynamically quantized student, when cfg.export.quantize
 
 
 def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_classes: int, example: torch.Tensor,
@@ -229,6 +230,7 @@ class RunSummary:
     test_teacher_agreement: Optional[float] = None
     history: list[dict[str, float]] = field(default_factory=list)
     output_dir: Optional[str] = None
+    export: dict[str, Any] = field(default_factory=dict)  # compressed variants: {"float"|"pruned"|"int8": metrics}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -255,32 +257,65 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
         probe_acc = {"probe_val_acc": sum(r.val_acc for r in built.probes) / len(built.probes)}
         callbacks = tuple((lambda cb: lambda m, state_fn: cb({**m, **probe_acc}, state_fn))(cb) for cb in callbacks)
     show = cfg.train.progress and rank == 0
+    export: dict[str, Any] = {}
     try:
         with epoch_bar(cfg.train.epochs, cfg.name, show) as bar:
             result = fit(built.distiller, data, cfg.train, seed=cfg.seed, teacher=built.signal,
                          online_teacher=built.online_teacher, teacher_val_pred=built.teacher_val_pred,
                          callbacks=callbacks, start_state=start_state, rank=rank, world_size=world_size,
                          module=module, progress=bar)
+        if (cfg.export.sparsity > 0 or cfg.export.quantize) and rank == 0 and world_size == 1:
+            export = compress(cfg, built, data)
     finally:
         built.distiller.close()
         if isinstance(built.signal, LiveTeacher):
             built.signal.close()
     student = built.distiller.student
-    final = result.history[-1] if result.history and "test_acc" in result.history[-1] else test_metrics(student, data)
+    final = (result.history[-1] if result.history and "test_acc" in result.history[-1] and not export
+             else test_metrics(student, data))
     hist = result.history
     summary = RunSummary(
         name=cfg.name, test_acc=final["test_acc"],
         best_val_acc=max(h["val_acc"] for h in hist), final_val_acc=hist[-1]["val_acc"], epochs=len(hist),
         stopped_early=result.stopped_early, student_params=count_parameters(student),
         seconds=time.perf_counter() - t0, teacher=dict(prep.teacher_info),
-        probes=[asdict(r) for r in built.probes], test_teacher_agreement=final.get("test_teacher_agreement"), history=hist)
+        probes=[asdict(r) for r in built.probes], test_teacher_agreement=final.get("test_teacher_agreement"), history=hist,
+        export=export)
     if output_dir is not None and rank == 0:
-        summary.output_dir = str(save_run(Path(output_dir), cfg, student, b, summary))
+        summary.output_dir = str(save_run(Path(output_dir), cfg, student, b, summary, built.int8))
     return summary
 
 
-def save_run(out: Path, cfg: ExperimentConfig, student: nn.Module, bundle: DataBundle, summary: RunSummary) -> Path:
-    """student.pt (weights-only kdray model file), config.yaml, metrics.csv and summary.json."""
+def compress(cfg: ExperimentConfig, built: Built, data: Data) -> dict[str, Any]:
+    """Prune (then fine-tune under the same distillation terms) and/or quantize the trained student, in
+    place for pruning; returns accuracy, size and latency of each variant. ``built.int8`` gets the int8 copy."""
+    from kdray import compress as c
+
+    student = built.distiller.student
+    variants = {"float": copy.deepcopy(student).cpu().eval()}
+    if cfg.export.sparsity > 0:
+        c.prune_magnitude(student, cfg.export.sparsity)
+        if cfg.export.finetune_epochs:
+            tune_cfg = cfg.train.model_copy(update={"epochs": cfg.export.finetune_epochs})
+            fit(built.distiller, Data(data.x_train, data.y_train, data.x_val, data.y_val, data.batch_size,
+                                      data.eval_batch_size, data.augment),
+                tune_cfg, seed=cfg.seed + 1, teacher=built.signal, teacher_val_pred=built.teacher_val_pred)
+        c.make_pruning_permanent(student)
+        variants["pruned"] = student
+    if cfg.export.quantize:
+        built.int8 = variants["int8"] = c.quantize_int8(student)
+    out = {k: c.measure(m, data.x_test, data.y_test) for k, m in variants.items()}  # one after the other, warmed
+    for k, v in out.items():
+        log.info("%s student: test acc %.4f, %d bytes, %.3f ms per batch of 100 on the CPU, %.0f%% zero weights",
+                 k, v["test_acc"], v["size_bytes"], v["latency_ms"], 100 * v["sparsity"])
+    return out
+
+
+def save_run(out: Path, cfg: ExperimentConfig, student: nn.Module, bundle: DataBundle, summary: RunSummary,
+             int8: Optional[nn.Module] = None) -> Path:
+    """student.pt (weights-only kdray model file), config.yaml, metrics.csv and summary.json; with an int8
+    variant also student_int8.pt (its state dict: rebuild the student, ``kdray.compress.quantize_int8`` it,
+    then ``load_state_dict``)."""
     out.mkdir(parents=True, exist_ok=True)
     save_model(out / "student.pt", student.cpu(), cfg.student, bundle.num_classes,
                {"test_acc": summary.test_acc, "experiment": cfg.name, "input_shape": list(bundle.x_train.shape[1:])})
@@ -289,6 +324,8 @@ def save_run(out: Path, cfg: ExperimentConfig, student: nn.Module, bundle: DataB
 
     pd.DataFrame(summary.history).to_csv(out / "metrics.csv", index=False)
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+    if int8 is not None:
+        torch.save(int8.state_dict(), out / "student_int8.pt")
     return out
 
 

@@ -149,3 +149,32 @@ def test_pickled_or_missing_checkpoint_is_refused(tiny_raw, tmp_path):
         with pytest.raises(ConfigError) as info:
             run(parse_config(raw))
         assert info.value.field == "teacher.checkpoint" and str(path) in str(info.value)
+
+
+def test_pruned_and_int8_students_are_measured_and_saved(tiny_raw, tmp_path):
+    from kdray.compress import quantize_int8
+    from kdray.models import build_model
+
+    tiny_raw["student"] = {"name": "mnist1d_mlp", "kwargs": {}}
+    tiny_raw["export"] = {"sparsity": 0.5, "finetune_epochs": 1, "quantize": True}
+    cfg = parse_config(tiny_raw)
+    s = run(cfg, output_dir=tmp_path)
+    ex = s.export
+    assert set(ex) == {"float", "pruned", "int8"}
+    assert ex["float"]["sparsity"] == 0 and ex["pruned"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert s.test_acc == pytest.approx(ex["pruned"]["test_acc"])  # the saved student is the pruned one
+    assert ex["int8"]["size_bytes"] < 0.5 * ex["float"]["size_bytes"]  # int8 Linear weights
+    assert abs(ex["int8"]["test_acc"] - ex["pruned"]["test_acc"]) <= 0.03
+    assert all(m["latency_ms"] > 0 for m in ex.values())
+    # the int8 file is weights-only and rebuilds into the same quantized student
+    student = load_model(tmp_path / "student.pt")
+    q = quantize_int8(build_model(cfg.student, 10))
+    q.load_state_dict(torch.load(tmp_path / "student_int8.pt", weights_only=True))
+    from kdray.data import make_bundle
+
+    b = make_bundle(cfg.data, cfg.cache_dir)
+    with torch.no_grad():
+        acc = (q(b.x_test).argmax(1) == b.y_test).float().mean().item()
+        zeros = sum(int((m.weight == 0).sum()) for m in student.modules() if isinstance(m, torch.nn.Linear))
+    assert acc == pytest.approx(ex["int8"]["test_acc"])
+    assert zeros > 0

@@ -178,6 +178,8 @@ def add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                           "sqlite:///mlflow.db in the working directory)")
     p.add_argument("--experiment", help="MLflow experiment name (default: the space's name)")
+    p.add_argument("--register-pareto", action="store_true",
+                   help="multi-objective space: register every Pareto-optimal student (instead of the top K)")
     p.add_argument("--register-top", type=int, default=1, metavar="K",
                    help="register the students of the K best finished trials (default 1; 0: none)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
@@ -199,7 +201,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                          overrides={k: getattr(args, k) for k in SEARCH_SETTINGS}, num_cpus=args.num_cpus,
                          progress=not args.no_progress, baseline=not args.no_baseline,
                          tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                         register_top=args.register_top)
+                         register_top=args.register_top, register_pareto=args.register_pareto)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends a search like Ctrl-C: runs closed, state saved
     outcome = run_search(args.space, opts)
     metric = next(c for c in outcome.table.columns if c.startswith("best_")).removeprefix("best_") \

@@ -129,6 +129,7 @@ class ExportConfig(Strict):
     sparsity: float = Field(0.0, ge=0, lt=1)  # share of conv/linear weights pruned by magnitude (0: none)
     finetune_epochs: int = Field(2, ge=0)  # fine-tuning under distillation after pruning
     quantize: bool = False  # also measure (and save) a dynamic int8 variant
+    measure_latency: bool = False  # report latency_ms (one CPU thread, batch of 100) at the last epoch
 
 
 class ExperimentConfig(Strict):

@@ -201,7 +201,10 @@ def _register_trials(tracker: Any, grid: Any, table: pd.DataFrame, top: int, nam
                         "test_acc": _fmt(row.get("test_acc")), "student_params": str(count_parameters(student)),
                         "student": cfg.student.name, "parent_run_id": tracker.parent_run_id, "run_id": run_id,
                         "trial_id": tid, "search": space.name, "rank": str(rank), "serialization": fmt,
-                        "trial_params": ", ".join(f"{k}={_scalar(v)}" for k, v in values.items())[:5000]}
+                        "trial_params": ", ".join(f"{k}={_scalar(v)}" for k, v in values.items())[:5000],
+                        # compressed variants measured by the trial (export.sparsity / export.quantize)
+                        **{k: _fmt(v) for k, v in (results[tid].metrics or {}).items()
+                           if k.split("_")[0] in ("float", "pruned", "int8")}}
                 mv = client.create_model_version(
                     name, source=info.model_uri, run_id=run_id, model_id=info.model_id, tags=tags,
                     description=f"student of trial {tid} (rank {rank} by {metric}) of search {space.name!r}")

@@ -220,11 +220,38 @@ def parallel_coordinates_html(df: pd.DataFrame, metric: str, path: str | Path,
     return path
 
 
-def search_plots(df: pd.DataFrame, metric: str, mode: str, out_dir: str | Path) -> list[Path]:
-    """All summary plots of a search into ``out_dir``; returns the files written."""
+def pareto_front(df: pd.DataFrame, metrics: list[str], modes: list[str], path: str | Path) -> Path:
+    """The first two objectives of every finished trial, the Pareto-optimal ones joined by a line."""
+    (mx, my), fin = metrics[:2], df[df["status"] == "finished"] if "status" in df else df
+    fig = _figure(7, 4.5)
+    ax = fig.subplots()
+    x, y = pd.to_numeric(fin[my], errors="coerce"), pd.to_numeric(fin[mx], errors="coerce")
+    on = fin["pareto"].fillna(False).astype(bool) if "pareto" in fin else pd.Series(False, index=fin.index)
+    ax.scatter(x[~on], y[~on], color="tab:gray", s=25, label="finished", zorder=2)
+    front = fin[on].sort_values(my)
+    ax.plot(pd.to_numeric(front[my]), pd.to_numeric(front[mx]), "o-", color="tab:red", label="Pareto front", zorder=3)
+    for _, r in front.iterrows():
+        ax.annotate(str(r.get("trial_id", "")), (float(r[my]), float(r[mx])), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel(f"{my} ({modes[1]})")
+    ax.set_ylabel(f"{mx} ({modes[0]})")
+    if pd.to_numeric(fin[my], errors="coerce").gt(0).all() and my.endswith(("params", "bytes")):
+        ax.set_xscale("log")
+    ax.set_title(f"{mx} vs {my}: {int(on.sum())} Pareto-optimal of {len(fin)} finished trials")
+    ax.legend(loc="best", fontsize="small")
+    return _save(fig, path)
+
+
+def search_plots(df: pd.DataFrame, metric: str, mode: str, out_dir: str | Path,
+                 objectives: Optional[list[tuple[str, str]]] = None) -> list[Path]:
+    """All summary plots of a search into ``out_dir`` (with ``objectives`` [(metric, mode), ...] beyond the
+    first, also the Pareto front); returns the files written."""
     out = Path(out_dir)
     files = [best_over_trials(df, metric, mode, out / "best_over_trials.png"),
              metric_by_params(df, metric, out / f"{metric}_by_param.png"),
              parallel_coordinates_png(df, metric, out / "parallel_coordinates.png")]
+    if objectives and all(m in df for m, _ in objectives):
+        files.append(pareto_front(df, [metric] + [m for m, _ in objectives], [mode] + [d for _, d in objectives],
+                                  out / "pareto_front.png"))
     html = parallel_coordinates_html(df, metric, out / "parallel_coordinates.html")
     return files + ([html] if html else [])

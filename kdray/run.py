@@ -258,14 +258,31 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
         callbacks = tuple((lambda cb: lambda m, state_fn: cb({**m, **probe_acc}, state_fn))(cb) for cb in callbacks)
     show = cfg.train.progress and rank == 0
     export: dict[str, Any] = {}
+    export_on = (cfg.export.sparsity > 0 or cfg.export.quantize) and world_size == 1
+    if export_on:
+        # compressed before the last epoch is reported, so a search sees (and registers) the exported student
+        def compress_last(metrics: dict, state_fn) -> None:
+            if metrics["epoch"] == cfg.train.epochs and not export:
+                export.update(compress(cfg, built, data))
+                metrics.update(export_metrics(export))
+
+        callbacks = (compress_last, *callbacks)
+    n_params = float(count_parameters(built.distiller.student))
+
+    def student_facts(metrics: dict, state_fn) -> None:  # what a multi-objective search may weigh
+        metrics["student_params"] = n_params
+        if cfg.export.measure_latency and metrics["epoch"] == cfg.train.epochs:
+            from kdray.compress import latency_ms
+
+            metrics["latency_ms"] = latency_ms(built.distiller.student, b.x_test[:100])
+
+    callbacks = (*callbacks[:1], student_facts, *callbacks[1:]) if export_on else (student_facts, *callbacks)
     try:
         with epoch_bar(cfg.train.epochs, cfg.name, show) as bar:
             result = fit(built.distiller, data, cfg.train, seed=cfg.seed, teacher=built.signal,
                          online_teacher=built.online_teacher, teacher_val_pred=built.teacher_val_pred,
                          callbacks=callbacks, start_state=start_state, rank=rank, world_size=world_size,
                          module=module, progress=bar)
-        if (cfg.export.sparsity > 0 or cfg.export.quantize) and rank == 0 and world_size == 1:
-            export = compress(cfg, built, data)
     finally:
         built.distiller.close()
         if isinstance(built.signal, LiveTeacher):
@@ -308,6 +325,15 @@ def compress(cfg: ExperimentConfig, built: Built, data: Data) -> dict[str, Any]:
     for k, v in out.items():
         log.info("%s student: test acc %.4f, %d bytes, %.3f ms per batch of 100 on the CPU, %.0f%% zero weights",
                  k, v["test_acc"], v["size_bytes"], v["latency_ms"], 100 * v["sparsity"])
+    return out
+
+
+def export_metrics(export: dict[str, Any]) -> dict[str, float]:
+    """Flat metrics of the compressed variants (``int8_test_acc``, ``float_size_bytes`` ...); ``test_acc`` is
+    the exported student's (pruned if pruned)."""
+    out = {f"{variant}_{k}": float(v) for variant, m in export.items() for k, v in m.items()}
+    if "pruned" in export:
+        out["test_acc"] = export["pruned"]["test_acc"]
     return out
 
 

@@ -50,6 +50,7 @@ class SearchOptions:
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
     experiment: Optional[str] = None  # MLflow experiment (default: the space's name)
     register_top: int = 1  # register the students of the K best finished trials (0: none)
+    register_pareto: bool = False  # multi-objective: register every Pareto-optimal finished trial instead
 
 
 def settings_with(space: SearchSpace, overrides: dict[str, Any]) -> SearchSettings:
@@ -112,6 +113,8 @@ class PruningAwareOptunaSearch(OptunaSearch):
     """
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, list):  # multi-objective: Optuna takes no intermediate values
+            return
         if trial_id in self._completed_trials or self.metric not in result:
             return
         value = result[self.metric]
@@ -124,6 +127,13 @@ class PruningAwareOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         if result and not error:
             self.on_trial_result(trial_id, result)  # Tune hands the last result only to this method
+        if isinstance(self.metric, list):  # multi-objective: a list of values, or FAIL
+            values = [(result or {}).get(m) for m in self.metric]
+            ok = not error and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+            self._ot_study.tell(ot_trial, [float(v) for v in values] if ok else None,
+                                state=TrialState.COMPLETE if ok else TrialState.FAIL)
+            self._completed_trials.add(trial_id)
+            return
         value = (result or {}).get(self.metric)
         if error or value is None or not math.isfinite(float(value)):
             state, value = (TrialState.FAIL, None) if error or value is not None else (TrialState.PRUNED, None)
@@ -141,7 +151,9 @@ def make_searcher(space: SearchSpace, s: SearchSettings):
 
     sampler = (optuna.samplers.TPESampler(seed=s.seed) if s.searcher == "tpe"
                else optuna.samplers.RandomSampler(seed=s.seed))
-    searcher = PruningAwareOptunaSearch(space=DefineByRun(space), metric=space.metric, mode=space.mode,
+    multi = bool(space.objectives)
+    searcher = PruningAwareOptunaSearch(space=DefineByRun(space), metric=space.metrics if multi else space.metric,
+                                        mode=space.modes if multi else space.mode,
                                         sampler=sampler, points_to_evaluate=initial_points(space) or None)
     return ConcurrencyLimiter(searcher, max_concurrent=s.concurrency)
 
@@ -150,6 +162,10 @@ def make_scheduler(space: SearchSpace, s: SearchSettings, max_epochs: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if s.scheduler == "none":
+        return FIFOScheduler()
+    if space.objectives:
+        log.info("multi-objective search (%s): no ASHA early stopping, every trial runs %d epochs",
+                 ", ".join(f"{m} {d}" for m, d in zip(space.metrics, space.modes)), max_epochs)
         return FIFOScheduler()
     return ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode, max_t=max_epochs,
                          grace_period=min(s.grace_period, max_epochs), reduction_factor=s.reduction_factor)
@@ -171,6 +187,8 @@ def trial(config: dict, *, shared: list, space_raw: dict, base_raw: dict, base_d
     space = SearchSpace.model_validate(space_raw)
     raw = trial_raw(space, base_raw, config)
     raw.setdefault("train", {}).update({"epochs": max_epochs, "progress": False})
+    if "latency_ms" in space.metrics:
+        raw.setdefault("export", {})["measure_latency"] = True
     prep_ref = shared[0]
     if workers > 1:
         from kdray.distributed import run_torchtrainer_trial
@@ -273,14 +291,27 @@ def results_frame(result_grid, space: SearchSpace) -> pd.DataFrame:
                if space.metric in hist else None,
                "test_acc": last.get("test_acc"), "teacher_agreement": last.get("teacher_agreement"),
                "probe_val_acc": last.get("probe_val_acc"),
+               **{o.metric: last.get(o.metric) for o in space.objectives if o.metric != space.metric},
                "epoch_time_s": hist["epoch_time_s"].mean() if "epoch_time_s" in hist else None,
                "error": str(r.error).strip().splitlines()[-1][:300] if r.error is not None else None,
                "path": r.path}
         rows.append(row)
     df = pd.DataFrame(rows)
+    if space.objectives and not df.empty:
+        df["pareto"] = pareto_mask(df, space.metrics, space.modes)
     if not df.empty:
         df = df.sort_values(space.metric, ascending=space.mode == "min", na_position="last").reset_index(drop=True)
     return df
+
+
+def pareto_mask(df: pd.DataFrame, metrics: list[str], modes: list[str]) -> list[bool]:
+    """True for finished trials no other finished trial beats on every objective (and strictly on one)."""
+    fin = (df["status"] == "finished") & df[metrics].notna().all(axis=1)
+    signs = [1.0 if m == "max" else -1.0 for m in modes]  # compare as "higher is better"
+    pts = {i: [s * float(df.at[i, c]) for s, c in zip(signs, metrics)] for i in df.index[fin]}
+    front = {i for i, p in pts.items()
+             if not any(all(q[k] >= p[k] for k in range(len(p))) and q != p for j, q in pts.items() if j != i)}
+    return [i in front for i in df.index]
 
 
 def _scalar(v: Any) -> Any:
@@ -327,6 +358,8 @@ def hard_label_baseline(space: SearchSpace, base_raw: dict, base_dir: Path, prep
     raw = trial_raw(space.model_copy(update={"methods": {}, "params": {}}), base_raw, {})
     raw.setdefault("distill", {}).update({"terms": [], "ce_weight": 1.0, "scheme": "offline"})
     raw.setdefault("train", {}).update({"epochs": max_epochs, "progress": False})
+    if "latency_ms" in space.metrics:
+        raw.setdefault("export", {})["measure_latency"] = True
     s = run(parse_config(raw, base_dir), prep)
     return {"test_acc": s.test_acc, "best_val_acc": s.best_val_acc, "final_val_acc": s.final_val_acc}
 
@@ -416,6 +449,7 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
         if tracker is not None:
             example = prep.bundle.x_test[:2].numpy()  # batch > 1: the exported model keeps a dynamic batch
             table, registered = tracker.finish(grid, table, register_top=opts.register_top, input_example=example,
+                                               register_pareto=opts.register_pareto,
                                                registered_model=space.registered_model, baseline=baseline,
                                                expected_trials=s.num_trials)
             if registered:

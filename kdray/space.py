@@ -95,15 +95,36 @@ class SearchSettings(Strict):
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
 
 
+OBJECTIVE_METRICS = ("student_params", "latency_ms", "val_acc", "test_acc", "float_size_bytes", "pruned_size_bytes",
+                     "int8_size_bytes", "float_latency_ms", "pruned_latency_ms", "int8_latency_ms", "int8_test_acc")
+
+
+class Objective(Strict):
+    """A further objective of a multi-objective search (the first is the space's ``metric``)."""
+
+    metric: Literal[OBJECTIVE_METRICS]  # type: ignore[valid-type]
+    mode: Literal["max", "min"] = "min"
+
+
 class SearchSpace(Strict):
     name: str = Field(min_length=1)
     base: str  # experiment config, relative to the space file
     metric: str = "val_acc"
     mode: Literal["max", "min"] = "max"
+    # more objectives make a multi-objective search: Optuna samples for the Pareto front (no ASHA)
+    objectives: list[Objective] = Field(default_factory=list)
     methods: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict)
     search: SearchSettings = Field(default_factory=SearchSettings)
     registered_model: Optional[str] = None  # MLflow registered model name (default "<name>-student")
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric] + [o.metric for o in self.objectives]
+
+    @property
+    def modes(self) -> list[str]:
+        return [self.mode] + [o.mode for o in self.objectives]
 
 
 # --------------------------------------------------------------------------------------------------

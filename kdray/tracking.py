@@ -558,9 +558,10 @@ class SearchTracker:
     # ---- the end of the search
 
     def finish(self, grid: Any, table: pd.DataFrame, *, register_top: int, registered_model: Optional[str],
-               input_example: Any, baseline: Optional[dict] = None,
-               expected_trials: int = 0) -> tuple[pd.DataFrame, list[dict]]:
-        """Register the top students, log the summary on the parent run and end it.
+               input_example: Any, baseline: Optional[dict] = None, expected_trials: int = 0,
+               register_pareto: bool = False) -> tuple[pd.DataFrame, list[dict]]:
+        """Register the top students (``register_pareto``: every Pareto-optimal one of a multi-objective
+        search), log the summary on the parent run and end it.
 
         Returns the table with a ``model_version`` column and the registrations. An interrupted search
         (trials left unfinished) only ends the parent as KILLED: ``--resume`` continues it.
@@ -573,9 +574,11 @@ class SearchTracker:
             return table, []
         registrations: list[dict] = []
         error: Optional[BaseException] = None
-        if register_top > 0:
+        candidates = table[table["pareto"]] if register_pareto and "pareto" in table else table
+        top = len(candidates) if register_pareto and "pareto" in table else register_top
+        if top > 0:
             try:
-                registrations = register_trials(self, grid, table, register_top,
+                registrations = register_trials(self, grid, candidates, top,
                                                 registered_model or f"{self.experiment}-student", input_example)
             except Exception as e:  # noqa: BLE001 - reported below, after the summary is logged
                 error = e
@@ -603,7 +606,8 @@ class SearchTracker:
             table.to_parquet(res / "trials.parquet")
             table.to_csv(res / "trials.csv", index=False)
             try:
-                search_plots(table, metric, self.space.mode, Path(d, "plots"))
+                search_plots(table, metric, self.space.mode, Path(d, "plots"),
+                             [(o.metric, o.mode) for o in self.space.objectives])
             except Exception as e:  # noqa: BLE001 - plots are a nicety; never lose the table for them
                 log.warning("search plots failed: %s", _first_line(e))
             c.log_artifacts(rid, d)

@@ -160,3 +160,31 @@ def test_a_failing_trial_is_errored_and_the_search_goes_on(tmp_path, tiny_raw):
     assert failed["error"].str.contains("diverged").all()
     assert all(t.state in (TrialState.FAIL, TrialState.COMPLETE) for t in out.study.trials)
     assert sum(t.state == TrialState.FAIL for t in out.study.trials) == len(failed)
+
+
+def test_multi_objective_search_finds_a_pareto_front_and_registers_it(tmp_path, tiny_raw):
+    from mlflow import MlflowClient
+
+    space = write_space(tmp_path, tiny_raw, name="tiny-pareto", methods={"kd": SPACE["methods"]["kd"]},
+                        objectives=[{"metric": "student_params", "mode": "min"}],
+                        params={"student.kwargs.channels": {"choice": [2, 4, 8]}},
+                        search={"num_trials": 5, "concurrency": 2, "max_epochs": 2, "seed": 1,
+                                "points_to_evaluate": [{"student.kwargs.channels": 2},
+                                                       {"student.kwargs.channels": 8}]})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = run_search(str(space), SearchOptions(storage_path=str(tmp_path / "results"), num_cpus=2, progress=False,
+                                               baseline=False, tracking_uri=uri, register_pareto=True))
+    df = out.table
+    assert len(out.study.directions) == 2
+    assert all(t.state == TrialState.COMPLETE and len(t.values) == 2 for t in out.study.trials)
+    assert (df.status == "finished").all() and (df.epochs == 2).all()  # no ASHA in a multi-objective search
+    assert df["student_params"].nunique() >= 2
+    front = df[df.pareto]
+    assert len(front) >= 1
+    for _, r in front.iterrows():  # nothing beats a front member on both objectives
+        assert not ((df.val_acc >= r.val_acc) & (df.student_params <= r.student_params)
+                    & ((df.val_acc > r.val_acc) | (df.student_params < r.student_params))).any()
+    assert df.loc[df.student_params.idxmin(), "pareto"] or df.student_params.value_counts()[df.student_params.min()] > 1
+    c = MlflowClient(uri)
+    assert {r["trial_id"] for r in out.registered} == set(front.trial_id)
+    assert "plots/pareto_front.png" in {a.path for a in c.list_artifacts(out.mlflow_run_id, "plots")}

@@ -37,6 +37,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     _common_config_args(p)
     p.add_argument("--output-dir", help="where to save the student and metrics (default: <output_dir>/<name>)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    p.add_argument("--generations", type=int, default=0, metavar="N",
+                   help="born-again: N more generations, each taught (logit KD) by the previous one's student")
     p.set_defaults(func=cmd_train)
 
 
@@ -47,7 +49,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.output_dir) if args.output_dir else Path(cfg.output_dir) / cfg.name
-    summary = run(cfg, output_dir=out)
+    if args.generations < 0:
+        raise ConfigError("--generations", args.generations, "0 or more")
+    if args.generations:
+        from kdray.report import table
+        from kdray.run import born_again
+
+        gens = born_again(cfg, args.generations, out)
+        print(table([[g, "teacher" if g == 0 else f"gen{g - 1}", f"{s.test_acc:.4f}", s.output_dir]
+                     for g, s in enumerate(gens)], ["generation", "taught by", "test acc", "saved to"]))
+        summary = gens[-1]
+    else:
+        summary = run(cfg, output_dir=out)
     print(summary_table(summary))
     if args.json:
         d = summary.to_dict()

@@ -311,8 +311,9 @@ def check_rules(cfg: ExperimentConfig) -> None:
         except ConfigError as e:
             raise ConfigError(f"{where}.{e.field}", e.value, e.allowed) from None
         total += cls.default_weight if term.weight is None else term.weight
-    if cfg.distill.terms and cfg.teacher is None:
-        raise ConfigError("teacher", None, "a teacher section when distill.terms is not empty")
+    if cfg.teacher is None and any(METHODS.get(t.method).needs_teacher for t in cfg.distill.terms):
+        raise ConfigError("teacher", None, "a teacher section when distill.terms has a term that needs one "
+                                           "(all but self_aux)")
     if cfg.distill.scheme == "online" and (cfg.teacher is None or not cfg.distill.terms):
         raise ConfigError("distill.scheme", "online", "offline, unless there is a teacher and at least one term")
     if total <= 0:

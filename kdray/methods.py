@@ -117,6 +117,9 @@ def _feature(features: dict[str, Tensor], path: str, side: str) -> Tensor:
                        f"captured: {sorted(features)}") from None
 
 
+LOGITS = "<logits>"  # key of the student's output shape among the student shapes given to Method.build
+
+
 def _shape(shapes: dict[str, torch.Size], path: str, fld: str) -> torch.Size:
     if path not in shapes:
         raise ConfigError(fld, path, "a layer whose output was captured; captured: "
@@ -133,7 +136,8 @@ class Method(nn.Module):
 
     name: ClassVar[str]
     default_weight: ClassVar[float]
-    layers: ClassVar[Literal["none", "teacher", "pairs", "fsp"]] = "none"
+    layers: ClassVar[Literal["none", "teacher", "pairs", "fsp", "student"]] = "none"
+    needs_teacher: ClassVar[bool] = True
     uses_temperature: ClassVar[bool] = False
 
     class Options(Strict):
@@ -177,6 +181,11 @@ class Method(nn.Module):
                                                        "with student_layers")
             if len(s) != len(t):
                 raise ConfigError("student_layers", s, f"{len(t)} student layer(s), one per teacher layer")
+        elif cls.layers == "student":
+            if t:
+                raise ConfigError("teacher_layers", t, f"no teacher layers: {cls.name} distils the student into itself")
+            if not s:
+                raise ConfigError("student_layers", s, f"one or more student layers to attach {cls.name} heads to")
         elif cls.layers == "fsp":
             for fld, given, side in (("teacher_layers", t, "teacher"), ("student_layers", s, "student")):
                 if len(given) != 2:
@@ -210,6 +219,35 @@ class KD(Method):
         T = self.temperature
         t = _need(sig.teacher_logits, "teacher logits", self.name).detach()
         return _kl_rows(t / T, sig.student_logits / T).mean() * T**2
+
+
+@METHODS.register("self_aux")
+class SelfAux(Method):
+    """Deep self-distillation ("Be Your Own Teacher", Zhang et al. 2019): an auxiliary classifier head
+    (mean over positions, then a linear layer) on each of ``student_layers`` learns from the labels (hard
+    cross-entropy on labelled examples) and from the network's own final output (KD with temperature T on
+    every example, the final logits detached). The heads are adapters: trained with the student, never saved
+    with it. Needs no teacher. Loss: mean over heads of (CE + T^2 KL)."""
+
+    name, default_weight, uses_temperature, layers, needs_teacher = "self_aux", 1.0, True, "student", False
+
+    def build(self, student_shapes, teacher_shapes) -> None:
+        num_classes = _shape(student_shapes, LOGITS, "student")[-1]
+        self.heads = nn.ModuleList([nn.Linear(_shape(student_shapes, p, "student_layers")[1], num_classes)
+                                    for p in self.student_layers])
+
+    def forward(self, sig: Signals) -> Tensor:
+        T = self.temperature
+        final = sig.student_logits.detach()
+        labelled = sig.labels >= 0 if sig.labels is not None else None
+        total = sig.student_logits.new_zeros(())
+        for head, p in zip(self.heads, self.student_layers):
+            f = _feature(sig.student_features, p, "student")
+            logits = head(f.flatten(2).mean(2) if f.dim() > 2 else f)
+            ce = F.cross_entropy(logits[labelled], sig.labels[labelled]) if labelled is not None and labelled.any() \
+                else logits.sum() * 0.0
+            total = total + ce + _kl_rows(final / T, logits / T).mean() * T**2
+        return total / len(self.heads)
 
 
 @METHODS.register("probe_kd")

@@ -25,6 +25,7 @@ from kdray.config import ExperimentConfig
 from kdray.data import DataBundle, make_bundle
 from kdray.errors import ConfigError
 from kdray.hooks import check_paths, output_shapes
+from kdray.methods import LOGITS
 from kdray.models import build_model, count_parameters
 from kdray.probes import ProbeReport
 from kdray.progress import epoch_bar
@@ -97,6 +98,10 @@ def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_cla
         raise ConfigError("distill.scheme", "online", "offline when a probe_kd term is used (probes are fitted "
                                                       "on a frozen teacher)")
     s_shapes = output_shapes(student, example, distiller.student_layers, "student_layers")
+    was_training = student.training
+    with torch.no_grad():
+        s_shapes[LOGITS] = student.eval()(example[:2]).shape  # for heads on the student (self_aux)
+    student.train(was_training)
     t_shapes = output_shapes(teacher, example, distiller.teacher_layers, "teacher_layers") if teacher is not None else {}
     distiller.build(s_shapes, t_shapes)
     return distiller.to(example.device)
@@ -326,6 +331,31 @@ def compress(cfg: ExperimentConfig, built: Built, data: Data) -> dict[str, Any]:
         log.info("%s student: test acc %.4f, %d bytes, %.3f ms per batch of 100 on the CPU, %.0f%% zero weights",
                  k, v["test_acc"], v["size_bytes"], v["latency_ms"], 100 * v["sparsity"])
     return out
+
+
+def born_again(cfg: ExperimentConfig, generations: int, output_dir: str | Path) -> list[RunSummary]:
+    """Born-again networks (Furlanello et al. 2018): generation 0 is ``cfg`` as it is; generation k > 0 trains
+    a fresh student of the same architecture with logit KD from generation k-1's student as its teacher
+    (``cfg``'s temperature and ce_weight; the kd term's weight if ``cfg`` has one). Each generation is saved
+    under ``output_dir/gen<k>`` and summarised."""
+    from kdray.config import parse_config
+
+    out = Path(output_dir)
+    kd_weight = next((t.weight for t in cfg.distill.terms if t.method == "kd" and t.weight is not None), None)
+    summaries = [run(cfg, output_dir=out / "gen0")]
+    log.info("born-again generation 0: test acc %.4f", summaries[0].test_acc)
+    for g in range(1, generations + 1):
+        raw = cfg.model_dump(mode="json")
+        raw["name"] = f"{cfg.name}-gen{g}"
+        raw["seed"] = cfg.seed + g
+        raw["teacher"] = {"model": cfg.student.model_dump(mode="json"),
+                          "checkpoint": str((out / f"gen{g - 1}" / "student.pt").resolve())}
+        raw["distill"] = {"temperature": cfg.distill.temperature, "ce_weight": cfg.distill.ce_weight,
+                          "terms": [{"method": "kd", **({"weight": kd_weight} if kd_weight is not None else {})}]}
+        summaries.append(run(parse_config(raw), output_dir=out / f"gen{g}"))
+        log.info("born-again generation %d (teacher: generation %d, test acc %.4f): test acc %.4f", g, g - 1,
+                 summaries[-2].test_acc, summaries[-1].test_acc)
+    return summaries
 
 
 def export_metrics(export: dict[str, Any]) -> dict[str, float]:

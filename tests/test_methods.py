@@ -472,3 +472,43 @@ def test_gradients_reach_student_not_teacher(method):
 
 def test_every_registered_method_is_tested():
     assert sorted(METHODS.names()) == sorted(ALL)
+
+
+def test_self_aux_heads_learn_from_labels_and_the_final_output():
+    from kdray.config import TermConfig
+    from kdray.methods import LOGITS, METHODS, Signals
+
+    torch.manual_seed(0)
+    term = TermConfig(method="self_aux", student_layers=["a", "b"])
+    m = METHODS.get("self_aux")(term, temperature=2.0)
+    m.build({"a": torch.Size([4, 3, 5]), "b": torch.Size([4, 6]), LOGITS: torch.Size([4, 7])}, {})
+    fa, fb, final = torch.randn(4, 3, 5), torch.randn(4, 6), torch.randn(4, 7)
+    y = torch.tensor([1, -1, 6, 0])  # one unlabelled example
+    sig = Signals(student_logits=final, teacher_logits=None, student_features={"a": fa, "b": fb},
+                  teacher_features={}, probe_logits={}, labels=y)
+    got = m(sig)
+    # re-derived: each head's CE on the labelled rows plus T^2 * KL(softmax(final/T) || softmax(head/T)), averaged
+    T, expected = 2.0, 0.0
+    for head, f in ((m.heads[0], fa.mean(2)), (m.heads[1], fb)):
+        z = f @ head.weight.T + head.bias
+        lab = y >= 0
+        logp = z[lab] - z[lab].logsumexp(1, keepdim=True)
+        ce = -logp[torch.arange(int(lab.sum())), y[lab]].mean()
+        p_t = torch.softmax(final / T, 1)
+        kl = (p_t * (torch.log(p_t) - torch.log_softmax(z / T, 1))).sum(1).mean() * T * T
+        expected += (ce + kl) / 2
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    got.backward()
+    assert m.heads[0].weight.grad is not None and final.grad is None  # the final output is the (detached) target
+
+
+def test_self_aux_needs_student_layers_and_no_teacher_layers():
+    from kdray.config import TermConfig
+    from kdray.errors import ConfigError
+    from kdray.methods import METHODS
+
+    cls = METHODS.get("self_aux")
+    with pytest.raises(ConfigError, match="student_layers"):
+        cls.validate_term(TermConfig(method="self_aux"))
+    with pytest.raises(ConfigError, match="teacher_layers"):
+        cls.validate_term(TermConfig(method="self_aux", teacher_layers=["x"], student_layers=["y"]))

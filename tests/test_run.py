@@ -178,3 +178,27 @@ def test_pruned_and_int8_students_are_measured_and_saved(tiny_raw, tmp_path):
         zeros = sum(int((m.weight == 0).sum()) for m in student.modules() if isinstance(m, torch.nn.Linear))
     assert acc == pytest.approx(ex["int8"]["test_acc"])
     assert zeros > 0
+
+
+def test_two_born_again_generations_learn_from_the_previous_student(tiny_raw, tmp_path):
+    from kdray.run import born_again
+
+    cfg = parse_config(tiny_raw)
+    gens = born_again(cfg, 2, tmp_path)
+    assert len(gens) == 3 and all((tmp_path / f"gen{g}" / "student.pt").is_file() for g in range(3))
+    assert all(0 <= s.test_acc <= 1 for s in gens)
+    for g in (1, 2):  # the teacher of generation g is generation g-1's student file, same architecture
+        saved = read_checkpoint(tmp_path / f"gen{g}" / "student.pt")
+        assert saved["model"] == cfg.student.model_dump(mode="json")
+        assert gens[g].teacher["source"].endswith(f"gen{g - 1}/student.pt")
+        assert "loss_kd" in gens[g].history[-1]
+
+
+def test_self_distillation_runs_without_a_teacher(tiny_raw):
+    del tiny_raw["teacher"]
+    tiny_raw["distill"] = {"ce_weight": 1.0, "terms": [{"method": "self_aux", "student_layers": ["relu1", "relu2"]}]}
+    s = run(parse_config(tiny_raw))
+    assert s.history[-1]["loss_self_aux"] > 0 and not s.teacher
+    tiny_raw["distill"]["terms"].append({"method": "kd"})
+    with pytest.raises(ConfigError, match="teacher"):
+        parse_config(tiny_raw)

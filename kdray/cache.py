@@ -72,8 +72,8 @@ class CacheRequest:
 
 def _hash_tensors(h: "hashlib._Hash", tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     for name, t in tensors:
-        t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        t = t.detach().cpu().contiguous().reshape(-1)  # 0-d tensors (e.g. a temperature buffer) too
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 

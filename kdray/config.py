@@ -83,6 +83,7 @@ class TeacherConfig(Strict):
     model: ModelSpec
     checkpoint: Optional[str] = None
     recipe: Optional[TeacherRecipe] = None
+    weight: float = Field(1.0, gt=0)  # its share of the soft targets when there are extra_teachers
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":
@@ -137,6 +138,9 @@ class ExperimentConfig(Strict):
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: Optional[TeacherConfig] = None
+    # more teachers: an ensemble (teacher i's layers are "i.<path>", the main teacher is 0); logit terms get
+    # the weighted mean of their temperature-softened probabilities (mixed at distill.temperature)
+    extra_teachers: list[TeacherConfig] = Field(default_factory=list)
     student: ModelSpec
     distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -273,10 +277,9 @@ def parse_config(raw: dict, base_dir: str | Path | None = None) -> ExperimentCon
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as e:
         raise config_error_from(e) from None
-    if base_dir is not None and cfg.teacher and cfg.teacher.checkpoint:
-        ckpt = Path(cfg.teacher.checkpoint)
-        if not ckpt.is_absolute():
-            cfg.teacher.checkpoint = str((Path(base_dir) / ckpt).resolve())
+    for t in ([cfg.teacher] if cfg.teacher else []) + list(cfg.extra_teachers):
+        if base_dir is not None and t.checkpoint and not Path(t.checkpoint).is_absolute():
+            t.checkpoint = str((Path(base_dir) / t.checkpoint).resolve())
     check_rules(cfg)
     return cfg
 
@@ -300,6 +303,12 @@ def check_rules(cfg: ExperimentConfig) -> None:
     check_model_spec(cfg.student, "student")
     if cfg.teacher:
         check_model_spec(cfg.teacher.model, "teacher.model")
+    if cfg.extra_teachers and cfg.teacher is None:
+        raise ConfigError("extra_teachers", f"{len(cfg.extra_teachers)} teacher(s)", "a main teacher section as well")
+    for i, t in enumerate(cfg.extra_teachers):
+        check_model_spec(t.model, f"extra_teachers[{i}].model")
+        if t.recipe and t.recipe.data:
+            check_data_params(t.recipe.data, f"extra_teachers[{i}].recipe.data")
     total = cfg.distill.ce_weight
     for i, term in enumerate(cfg.distill.terms):
         where = f"distill.terms[{i}]"

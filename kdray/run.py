@@ -29,8 +29,8 @@ from kdray.methods import LOGITS
 from kdray.models import build_model, count_parameters
 from kdray.probes import ProbeReport
 from kdray.progress import epoch_bar
-from kdray.teacher import (LiveTeacher, PrecomputedTeacher, fit_probes, get_teacher, probe_specs, save_model,
-                           teacher_pass)
+from kdray.teacher import (LiveTeacher, PrecomputedTeacher, ensemble_architecture, fit_probes, get_teachers,
+                           probe_specs, save_model, teacher_pass)
 from kdray.train import (Data, Distiller, EpochCallback, accuracy, fit, predict, resolve_device, seed_everything,
                          test_metrics)
 
@@ -52,7 +52,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     bundle = make_bundle(cfg.data, cfg.cache_dir)
     teacher, info = None, {}
     if cfg.teacher is not None:
-        teacher, info = get_teacher(cfg, bundle.num_classes, make_bundle=lambda d: make_bundle(d, cfg.cache_dir))
+        teacher, info = get_teachers(cfg, bundle.num_classes, make_bundle=lambda d: make_bundle(d, cfg.cache_dir))
         teacher.eval().requires_grad_(False)
         t_logits = predict(teacher, bundle.x_test, cfg.data.eval_batch_size)
         if t_logits.shape[1] == bundle.num_classes:
@@ -397,7 +397,7 @@ def list_model_layers(cfg: ExperimentConfig, which: str = "both") -> list:
     example = b.x_train[: min(len(b.x_train), cfg.data.batch_size)]
     out = []
     if cfg.teacher is not None and which in ("teacher", "both"):
-        out += list_layers(build_model(cfg.teacher.model, b.num_classes), example, "teacher")
+        out += list_layers(ensemble_architecture(cfg, b.num_classes), example, "teacher")
     if which in ("student", "both"):
         out += list_layers(build_model(cfg.student, b.num_classes), example, "student")
     return out

@@ -172,7 +172,7 @@ def dimensions(space: SearchSpace) -> dict[str, tuple[str, Dim]]:
                 name = ".".join([m, *map(str, path)])
                 dims[name] = (f"methods.{m}{_field(path)}", parse(f"methods.{m}{_field(path)}", value))
     for key, value in space.params.items():
-        if key.split(".")[0] in ("data", "teacher", "cache_dir", "output_dir"):
+        if key.split(".")[0] in ("data", "teacher", "extra_teachers", "cache_dir", "output_dir"):
             raise ConfigError(f"params.{key}", value, "a student, distill or train setting: one search shares "
                                                       "one data set and one teacher")
         if is_dim(value):
@@ -319,8 +319,8 @@ def check_space(space: SearchSpace, base_raw: dict, base_dir: Path) -> list[Expe
     import torch
 
     from kdray.data import make_bundle
-    from kdray.models import build_model
     from kdray.run import build_distiller
+    from kdray.teacher import ensemble_architecture
 
     checked: list[ExperimentConfig] = []
     for field, values in corner_values(space):
@@ -332,7 +332,7 @@ def check_space(space: SearchSpace, base_raw: dict, base_dir: Path) -> list[Expe
     first = checked[0]
     bundle = make_bundle(first.data, first.cache_dir)
     example = bundle.x_train[: min(8, len(bundle.x_train))]
-    teacher = build_model(first.teacher.model, bundle.num_classes) if first.teacher else None
+    teacher = ensemble_architecture(first, bundle.num_classes) if first.teacher else None
     seen = set()
     for cfg in checked:
         key = json.dumps([cfg.student.model_dump(), cfg.distill.model_dump()], sort_keys=True, default=str)

@@ -137,6 +137,58 @@ def get_teacher(cfg: ExperimentConfig, num_classes: int, *, make_bundle: Callabl
 
 
 # --------------------------------------------------------------------------------------------------
+# several teachers
+
+
+class TeacherEnsemble(nn.Module):
+    """Teachers as one module: member ``i`` is the submodule named ``"i"`` (so its layers are ``"i.<path>"``
+    for hooks), and the output is ``T * log(sum_i w_i softmax(z_i / T))`` with normalised weights, whose
+    temperature-``T`` softmax is exactly the weighted mean of the members' softened probabilities."""
+
+    def __init__(self, members: list[nn.Module], weights: list[float], temperature: float):
+        super().__init__()
+        for i, m in enumerate(members):
+            self.add_module(str(i), m)
+        w = torch.tensor(weights, dtype=torch.float32)
+        self.register_buffer("weights", w / w.sum())  # buffers: part of the teacher-cache fingerprint
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = self.temperature
+        probs = [w * torch.softmax(m(x) / T, dim=-1) for w, m in zip(self.weights, self.children())]
+        return T * torch.log(torch.stack(probs).sum(0).clamp_min(1e-12))
+
+
+def ensemble_architecture(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
+    """The teacher's (or the ensemble's) architecture with fresh weights: enough for layer paths and shapes."""
+    assert cfg.teacher is not None
+    if not cfg.extra_teachers:
+        return build_model(cfg.teacher.model, num_classes)
+    teachers = [cfg.teacher, *cfg.extra_teachers]
+    return TeacherEnsemble([build_model(t.model, num_classes) for t in teachers], [t.weight for t in teachers],
+                           cfg.distill.temperature)
+
+
+def get_teachers(cfg: ExperimentConfig, num_classes: int, *, make_bundle: Callable[[DataConfig], Any]
+                 ) -> tuple[nn.Module, dict]:
+    """:func:`get_teacher` for the main teacher, or a :class:`TeacherEnsemble` of it and the extra teachers."""
+    model, info = get_teacher(cfg, num_classes, make_bundle=make_bundle)
+    if not cfg.extra_teachers:
+        return model, info
+    members, infos = [model], [info]
+    for t in cfg.extra_teachers:
+        m, i = get_teacher(cfg.model_copy(update={"teacher": t}), num_classes, make_bundle=make_bundle)
+        members.append(m)
+        infos.append(i)
+    weights = [t.weight for t in [cfg.teacher, *cfg.extra_teachers]]
+    ens = TeacherEnsemble(members, weights, cfg.distill.temperature)
+    log.info("teacher: an ensemble of %d (weights %s, mixed at T=%g)", len(members),
+             ", ".join(f"{w:.3g}" for w in ens.weights.tolist()), cfg.distill.temperature)
+    return ens, {"source": " + ".join(str(i.get("source")) for i in infos), "members": len(members),
+                 **{f"member{k}_test_acc": i["teacher_test_acc"] for k, i in enumerate(infos) if "teacher_test_acc" in i}}
+
+
+# --------------------------------------------------------------------------------------------------
 # teacher signals
 
 

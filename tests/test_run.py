@@ -202,3 +202,31 @@ def test_self_distillation_runs_without_a_teacher(tiny_raw):
     tiny_raw["distill"]["terms"].append({"method": "kd"})
     with pytest.raises(ConfigError, match="teacher"):
         parse_config(tiny_raw)
+
+
+def test_a_two_teacher_ensemble_teaches_logits_and_layers_of_either_member(tiny_raw):
+    from kdray.run import list_model_layers
+    from kdray.teacher import TeacherEnsemble
+
+    tiny_raw["extra_teachers"] = [{"model": {"name": "mnist1d_cnn", "kwargs": {"channels": 8}}, "weight": 3.0,
+                                   "recipe": {"seed": 1, "train": {"epochs": 2, "progress": False}}}]
+    tiny_raw["distill"]["terms"] = [{"method": "kd", "weight": 0.5},
+                                    {"method": "fitnet", "teacher_layers": ["1.relu3"], "student_layers": ["relu3"]},
+                                    {"method": "probe_kd", "teacher_layers": ["0.relu2"], "options": {"pooling": "max"}}]
+    cfg = parse_config(tiny_raw)
+    paths = {i.path for i in list_model_layers(cfg, "teacher")}
+    assert {"0.relu3", "1.relu3", "1.fc"} <= paths
+    prep = prepare(cfg)
+    ens = prep.teacher
+    assert isinstance(ens, TeacherEnsemble) and prep.teacher_info["members"] == 2
+    x = prep.bundle.x_test[:5]
+    with torch.no_grad():  # re-derived: temperature-T softmax of the output = weighted mean of member probabilities
+        T = cfg.distill.temperature
+        mean = 0.25 * torch.softmax(getattr(ens, "0")(x) / T, 1) + 0.75 * torch.softmax(getattr(ens, "1")(x) / T, 1)
+        torch.testing.assert_close(torch.softmax(ens(x) / T, 1), mean)
+    s = run(cfg, prep)
+    last = s.history[-1]
+    assert {"loss_kd", "loss_fitnet", "loss_probe_kd"} <= set(last) and s.probes[0]["layer"] == "0.relu2"
+    tiny_raw["extra_teachers"][0]["weight"] = 0
+    with pytest.raises(ConfigError, match="extra_teachers"):
+        parse_config(tiny_raw)

@@ -191,16 +191,23 @@ def _register_trials(tracker: Any, grid: Any, table: pd.DataFrame, top: int, nam
                 cfg = trial_config(tracker, values)
                 with trial_checkpoint(results[tid]) as d:
                     student = student_from_checkpoint(d, cfg, tracker.num_classes)
+                from kdray.models import count_parameters
+
+                n_params = count_parameters(student)
+                if cfg.export.quantize:  # the trial exported int8: that is the student to ship
+                    from kdray.compress import quantize_int8
+
+                    student = quantize_int8(student)
                 info, fmt = log_student(student, example, run_id, tracker.uri)
                 logged.append(info.model_id)
-                from kdray.models import count_parameters
                 from kdray.search import _scalar
 
                 tags = {"teacher": tracker.teacher, "method": str(_scalar(values.get("method", "-"))),
                         **describe_terms(cfg), metric: _fmt(row.get(metric)), "val_acc": _fmt(row.get("val_acc")),
-                        "test_acc": _fmt(row.get("test_acc")), "student_params": str(count_parameters(student)),
+                        "test_acc": _fmt(row.get("test_acc")), "student_params": str(n_params),
                         "student": cfg.student.name, "parent_run_id": tracker.parent_run_id, "run_id": run_id,
                         "trial_id": tid, "search": space.name, "rank": str(rank), "serialization": fmt,
+                        "variant": "int8" if cfg.export.quantize else "pruned" if cfg.export.sparsity else "float",
                         "trial_params": ", ".join(f"{k}={_scalar(v)}" for k, v in values.items())[:5000],
                         # compressed variants measured by the trial (export.sparsity / export.quantize)
                         **{k: _fmt(v) for k, v in (results[tid].metrics or {}).items()

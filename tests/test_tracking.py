@@ -419,3 +419,32 @@ def test_eight_parallel_trials_on_the_sqlite_default(tmp_path, tiny_raw, monkeyp
     # the trials overlapped: at some moment at least 4 child runs were open together
     spans = sorted((r.info.start_time, r.info.end_time) for r in children)
     assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) >= 4
+
+
+def test_an_int8_student_is_registered_and_loads_within_a_point_of_the_float_one(tmp_path, tiny_raw):
+    tiny_raw["student"] = {"name": "mnist1d_mlp", "kwargs": {}}
+    tiny_raw["export"] = {"quantize": True}
+    space = write_space(tmp_path, tiny_raw, name="tiny-int8", methods={"kd": SPACE["methods"]["kd"]},
+                        search={"num_trials": 2, "concurrency": 2, "max_epochs": 3, "scheduler": "none"})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = run_search(str(space), SearchOptions(storage_path=str(tmp_path / "results"), num_cpus=2, progress=False,
+                                               baseline=False, tracking_uri=uri))
+    c = MlflowClient(uri)
+    mv = c.get_model_version_by_alias("tiny-int8-student", "challenger")
+    tags = mv.tags
+    assert tags["variant"] == "int8"
+    assert int(float(tags["int8_size_bytes"])) < int(float(tags["float_size_bytes"])) / 2
+    assert float(tags["int8_latency_ms"]) > 0 and float(tags["float_latency_ms"]) > 0
+    cfg = parse_config(tiny_raw)
+    b = make_bundle(cfg.data, cfg.cache_dir)
+    np.save(tmp_path / "x.npy", b.x_test.numpy())
+    code = ("import sys, numpy as np, mlflow; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+            "np.save(sys.argv[3], np.asarray(m.predict(np.load(sys.argv[2]))))")
+    done = subprocess.run([sys.executable, "-c", code, "models:/tiny-int8-student@challenger", str(tmp_path / "x.npy"),
+                           str(tmp_path / "y.npy")], env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    acc = float((np.load(tmp_path / "y.npy").argmax(1) == b.y_test.numpy()).mean())
+    assert acc == pytest.approx(float(tags["int8_test_acc"]), abs=1e-6)
+    assert abs(acc - float(tags["float_test_acc"])) <= 0.01  # within 1 point of the float student
+    assert out.table.loc[out.table.trial_id == tags["trial_id"], "model_version"].iloc[0] == str(mv.version)

@@ -107,6 +107,16 @@ def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_cla
     return distiller.to(example.device)
 
 
+def check_layers(cfg: ExperimentConfig) -> None:
+    """Every layer path and shape of ``cfg`` on one batch of real inputs, with freshly built models (weights do
+    not matter): a bad layer stops a run before the teacher is trained."""
+    b = make_bundle(cfg.data, cfg.cache_dir)
+    example = b.x_train[: min(8, len(b.x_train))]
+    teacher = ensemble_architecture(cfg, b.num_classes) if cfg.teacher is not None else None
+    with torch.no_grad():
+        build_distiller(cfg, teacher, b.num_classes, example, b.name).close()
+
+
 def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
     """Check layers and shapes, build adapters, fit probes, choose the teacher signal."""
     b = prep.bundle
@@ -250,7 +260,9 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
     """
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
-    prep = prep or prepare(cfg)
+    if prep is None:
+        check_layers(cfg)  # on the architectures, before a teacher is trained or loaded
+        prep = prepare(cfg)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)  # the same student init whether or not the teacher was trained just now
     built = build(cfg, prep, device)

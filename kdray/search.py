@@ -373,6 +373,8 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
     first = corners[0]
     max_epochs = s.max_epochs or first.train.epochs
     storage = opts.storage_path or default_storage()
+    if "://" not in storage:  # Tune takes a local folder only as an absolute path
+        storage = str(Path(storage).expanduser().resolve())
     exp_path = _join(storage, space.name)
     if opts.resume and not _exists(exp_path):
         raise ConfigError("--resume", exp_path, "the folder of an earlier search with the same name and storage")
@@ -448,15 +450,26 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
                     if opts.baseline and not unfinished else None)
         if tracker is not None:
             example = prep.bundle.x_test[:2].numpy()  # batch > 1: the exported model keeps a dynamic batch
-            table, registered = tracker.finish(grid, table, register_top=opts.register_top, input_example=example,
-                                               register_pareto=opts.register_pareto,
-                                               registered_model=space.registered_model, baseline=baseline,
-                                               expected_trials=s.num_trials)
+            from kdray.tracking import _env
+
+            try:
+                with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_TIMEOUT="30"):
+                    table, registered = tracker.finish(grid, table, register_top=opts.register_top,
+                                                       input_example=example, register_pareto=opts.register_pareto,
+                                                       registered_model=space.registered_model, baseline=baseline,
+                                                       expected_trials=s.num_trials)
+            except KdrayError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the tracking server went away: the trials are safe on disk
+                tracker.warn_once("the end of the search (summary, registration, closing the runs)", e)
+                with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5"):
+                    tracker.close_after_error(e)
             if registered:
                 table.to_parquet(out) if "://" in out else _write_parquet(table, Path(out))
             if tracker.lost_summary():
-                log.warning("MLflow: some writes failed while the tracking server was unreachable; not logged: %s. "
-                            "Every trial's metrics are in %s and its result.json files.", tracker.lost_summary(), out)
+                log.warning("MLflow (%s): some writes failed while the tracking server was unreachable; not logged: "
+                            "%s. Every trial's metrics are in %s and its result.json files.", tracker.uri,
+                            tracker.lost_summary(), out)
         if unfinished:
             raise KeyboardInterrupt(f"search interrupted with {unfinished} trial(s) unfinished; results so far in "
                                     f"{out}; continue it with --resume")

@@ -241,8 +241,25 @@ def load_space(path: str | Path) -> tuple[SearchSpace, dict, Path]:
     if not base_path.is_file():
         raise ConfigError("base", space.base, f"an experiment config file (looked for {base_path})")
     base_raw = read_yaml(base_path, "base")
-    dimensions(space)  # dimension syntax errors surface here
+    check_searchable(space, dimensions(space))  # dimension syntax errors surface in dimensions()
     return space, base_raw, base_path.parent
+
+
+def check_searchable(space: SearchSpace, dims: dict[str, tuple[str, Dim]]) -> None:
+    """Refuse an empty space (every trial would be the same config) and ``params`` that contradict ``methods``."""
+    if space.methods:
+        for key, value in space.params.items():
+            if key == "distill" or key == "distill.terms" or key.startswith("distill.terms."):
+                raise ConfigError(f"params.{key}", value, "a setting outside distill.terms: each entry of `methods` "
+                                                          "sets the trial's terms (put term values, searched or not, "
+                                                          "in the method's template)")
+    varies = [n for n, (_, d) in dims.items()
+              if d.choice is None or len({json.dumps(c, sort_keys=True, default=str) for c in d.choice}) > 1]
+    if not varies:
+        raise ConfigError("methods", list(space.methods), "a space with something to search: two or more methods, or "
+                                                          "a dimension ({choice: [2+ values]}, {float: [low, high]}, "
+                                                          "{int: [low, high]}) in a method's template or under params;"
+                                                          " this space gives every trial the same config")
 
 
 def initial_points(space: SearchSpace) -> list[dict[str, Any]]:
@@ -333,6 +350,8 @@ def check_space(space: SearchSpace, base_raw: dict, base_dir: Path) -> list[Expe
     bundle = make_bundle(first.data, first.cache_dir)
     example = bundle.x_train[: min(8, len(bundle.x_train))]
     teacher = ensemble_architecture(first, bundle.num_classes) if first.teacher else None
+    loaded = _checkpoint_teacher(first, bundle.num_classes)
+    teacher = loaded if loaded is not None else teacher
     seen = set()
     for cfg in checked:
         key = json.dumps([cfg.student.model_dump(), cfg.distill.model_dump()], sort_keys=True, default=str)
@@ -345,6 +364,23 @@ def check_space(space: SearchSpace, base_raw: dict, base_dir: Path) -> list[Expe
         except ConfigError as e:
             raise ConfigError(f"{e.field} (trial values {_describe(cfg)})", e.value, e.allowed) from None
     return checked
+
+
+def _checkpoint_teacher(cfg: ExperimentConfig, num_classes: int) -> Any:
+    """Teacher checkpoints read before any tracking, Ray or cache work, so that a missing, corrupt or pickled file
+    stops the search here. A single teacher from a checkpoint is returned as loaded (None otherwise): the layer
+    checks then see its real output classes (a teacher of other classes than the data cannot do logit KD)."""
+    from kdray.teacher import CHECKPOINT_FORMAT, load_model, read_checkpoint
+
+    extra = list(getattr(cfg, "extra_teachers", None) or [])
+    for i, t in enumerate(extra):
+        if getattr(t, "checkpoint", None):
+            read_checkpoint(t.checkpoint, f"extra_teachers[{i}].checkpoint")
+    if cfg.teacher is None or not cfg.teacher.checkpoint:
+        return None
+    own = read_checkpoint(cfg.teacher.checkpoint, "teacher.checkpoint").get("format") == CHECKPOINT_FORMAT
+    model = load_model(cfg.teacher.checkpoint, cfg.teacher.model, None if own else num_classes, "teacher.checkpoint")
+    return None if extra else model
 
 
 def _describe(cfg: ExperimentConfig) -> str:

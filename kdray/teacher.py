@@ -64,11 +64,12 @@ def read_checkpoint(path: str | Path, field: str = "checkpoint") -> dict:
 
 def load_model(path: str | Path, spec: ModelSpec | None = None, num_classes: int | None = None,
                field: str = "checkpoint") -> nn.Module:
-    """Rebuild a model from a kdray model file (or a bare state_dict plus ``spec`` and ``num_classes``)."""
+    """Rebuild a model from a kdray model file (its own class count), or from a bare state_dict with ``spec``
+    and ``num_classes``."""
     ckpt = read_checkpoint(path, field)
     if ckpt.get("format") == CHECKPOINT_FORMAT:
         spec = spec or ModelSpec.model_validate(ckpt["model"])
-        num_classes = ckpt["num_classes"] if num_classes is None else num_classes
+        num_classes = ckpt["num_classes"]
         state = ckpt["state_dict"]
     else:
         if spec is None or num_classes is None:
@@ -99,7 +100,7 @@ def get_teacher(cfg: ExperimentConfig, num_classes: int, *, make_bundle: Callabl
     """The frozen teacher of ``cfg`` and facts about it (source, test accuracy when trained here)."""
     assert cfg.teacher is not None
     if cfg.teacher.checkpoint:
-        model = load_model(cfg.teacher.checkpoint, cfg.teacher.model, None, "teacher.checkpoint")
+        model = load_model(cfg.teacher.checkpoint, cfg.teacher.model, num_classes, "teacher.checkpoint")
         info = {"source": cfg.teacher.checkpoint}
         ckpt_meta = read_checkpoint(cfg.teacher.checkpoint, "teacher.checkpoint").get("meta", {})
         info.update({k: v for k, v in ckpt_meta.items() if isinstance(v, (int, float, str))})

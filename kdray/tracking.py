@@ -642,14 +642,25 @@ class MlflowSearchCallback(Callback):
     MLflow errors are logged (once per hook) and never stop the search.
     """
 
+    PAUSE_S = 30.0
+
     def __init__(self, tracker: SearchTracker):
         self.tracker = tracker
+        self.paused_until = 0.0
 
     def _safe(self, what: str, fn, *args) -> None:
+        """Run one MLflow write; a failure is counted, never raised. After a failure, writes are skipped
+        (and counted) for ``PAUSE_S`` seconds, so an unreachable server does not stall the driver loop."""
+        trial_id = args[0] if args and isinstance(args[0], str) else None
+        if time.monotonic() < self.paused_until:
+            self.tracker.lost.setdefault(what, set()).add(trial_id or "-")
+            return
         try:
-            fn(*args)
+            with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
+                fn(*args)
         except Exception as e:  # noqa: BLE001
-            self.tracker.warn_once(what, e, args[0] if args and isinstance(args[0], str) else None)
+            self.tracker.warn_once(what, e, trial_id)
+            self.paused_until = time.monotonic() + self.PAUSE_S
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._safe("on_trial_start", self.tracker.trial_started, trial.trial_id, trial.config)

@@ -348,7 +348,7 @@ def mlflow_server(tmp_path):
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
             time.sleep(0.5)
-        yield SimpleNamespace(url=url, artifacts=tmp_path / "server-artifacts")
+        yield SimpleNamespace(url=url, artifacts=tmp_path / "server-artifacts", proc=proc)  # proc: to stop it early
     finally:  # the server and its workers are one process group: end that group only
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

@@ -132,10 +132,11 @@ def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
             (req := cache_request([cfg], prep, example)) is not None:
         cache = usable_cache(cfg, prep, req, device)
         signal, reports = cached_signal(cache, distiller, specs)
-        val_pred, test_pred = ([cache.tensor(s, "logits").argmax(1) for s in ("val", "test")] if same_classes
-                               else [None, None])
+        val_pred, test_pred = [cache.tensor(s, "logits").argmax(1) if same_classes and len(cache.arrays[s]["label"])
+                               else None for s in ("val", "test")]
         return Built(distiller, signal, None, reports, val_pred, test_pred)
-    teacher_val_pred = predict(teacher, b.x_val.to(device), eval_bs).argmax(1).cpu() if same_classes else None
+    teacher_val_pred = (predict(teacher, b.x_val.to(device), eval_bs).argmax(1).cpu()
+                        if same_classes and len(b.x_val) else None)
     teacher_test_pred = predict(teacher, b.x_test.to(device), eval_bs).argmax(1).cpu() if same_classes else None
     if cfg.distill.scheme == "online":
         teacher = copy.deepcopy(teacher).train().requires_grad_(True)  # the shared one stays frozen
@@ -144,7 +145,8 @@ def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
     if b.augment is not None:
         log.info("teacher signal: live (inputs are augmented, so cached teacher outputs would not match)")
     probe_layers = [s.layer for s in specs]
-    layers = sorted(set(distiller.teacher_layers) | set(probe_layers))
+    # augmented inputs: the teacher runs live, so only the probes' layers are needed up-front
+    layers = sorted(set(probe_layers) if b.augment is not None else set(distiller.teacher_layers) | set(probe_layers))
     t0 = time.perf_counter()
     logits, feats = teacher_pass(teacher, b.x_train.to(device), layers, eval_bs)
     _, val_feats = teacher_pass(teacher, b.x_val.to(device), probe_layers, eval_bs)

@@ -149,7 +149,7 @@ def make_searcher(space: SearchSpace, s: SearchSettings):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
-    sampler = (optuna.samplers.TPESampler(seed=s.seed) if s.searcher == "tpe"
+    sampler = (optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.tpe_startup_trials) if s.searcher == "tpe"
                else optuna.samplers.RandomSampler(seed=s.seed))
     multi = bool(space.objectives)
     searcher = PruningAwareOptunaSearch(space=DefineByRun(space), metric=space.metrics if multi else space.metric,

@@ -86,6 +86,7 @@ class SearchSettings(Strict):
     grace_period: int = Field(2, ge=1)
     reduction_factor: float = Field(2, gt=1)
     searcher: Literal["tpe", "random"] = "tpe"
+    tpe_startup_trials: int = Field(10, ge=1)  # random trials before TPE models the space (Optuna's default)
     seed: int = 0
     workers_per_trial: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1, gt=0)

@@ -230,3 +230,9 @@ def test_a_two_teacher_ensemble_teaches_logits_and_layers_of_either_member(tiny_
     tiny_raw["extra_teachers"][0]["weight"] = 0
     with pytest.raises(ConfigError, match="extra_teachers"):
         parse_config(tiny_raw)
+
+
+def test_no_validation_split_trains(tiny_raw):
+    tiny_raw["data"]["val_fraction"] = 0.0
+    s = run(parse_config(tiny_raw))
+    assert 0 <= s.test_acc <= 1 and len(s.history) == 2

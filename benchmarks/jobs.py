@@ -1,0 +1,30 @@
+"""Shared by the benchmark scripts: running training jobs in worker processes, and mean/std summaries."""
+from __future__ import annotations
+
+import statistics
+from typing import Any, Callable, Iterator
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_jobs(fn: Callable[[Any], dict], jobs: list[tuple], workers: int) -> Iterator[dict]:
+    """``fn`` of each job's config (its last item), yielded in job order; ``workers`` > 1 runs them in that
+    many forked processes of one torch thread each."""
+    if workers <= 1:
+        for job in jobs:
+            yield fn(job[-1])
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
+        yield from pool.imap(fn, [job[-1] for job in jobs])
+
+
+def summarise(values: list[float]) -> dict:
+    return {"mean": round(statistics.mean(values), 4),
+            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+            "runs": [round(v, 4) for v in values]}

@@ -1,0 +1,89 @@
+"""The benchmark scripts of issue 7 run end to end in a tiny mode and end with a JSON summary line.
+
+Each script runs as a real subprocess (as a user runs it) on tiny data, a few epochs, one seed; what is
+checked is that it finishes, that its last stdout line is a JSON object with the expected keys, and the
+few facts each script exists to show (n/a where a method cannot apply, the probe chosen on validation data).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def run_script(name: str, *args: str, cwd: Path | None = None) -> dict:
+    out = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True, text=True, timeout=300,
+                         cwd=cwd, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    return json.loads(last)
+
+
+def test_methods_table_tiny():
+    out = run_script("methods.py", "--fractions", "0.2", "--seeds", "0", "--epochs", "2", "--num-samples", "1000",
+                     "--teacher-epochs", "2", "--students", "mnist1d_cnn_small", "mnist1d_mlp",
+                     "--methods", "hard", "at", "rkd", "probe_kd", "--workers", "2")
+    assert {"fractions", "seeds", "results", "teacher_test_acc", "probe_choice", "labelled", "seconds"} <= set(out)
+    cnn, mlp = out["results"]["mnist1d_cnn_small"], out["results"]["mnist1d_mlp"]
+    for method in ("hard", "at", "rkd", "probe_kd"):
+        assert 0.0 <= cnn[method]["0.2"]["mean"] <= 1.0 and len(cnn[method]["0.2"]["runs"]) == 1
+    assert "na" in mlp["at"]["0.2"] and "mean" in mlp["probe_kd"]["0.2"]  # no feature maps in the MLP
+    choice = out["probe_choice"]["0.2"]
+    assert choice["val_acc"] == max(c["val_acc"] for c in choice["candidates"])
+    assert out["rkd_angles"]["gram"]["mnist1d_cnn_small"]["grad_rel_diff"] < 1e-3
+    assert 0.0 < out["teacher_test_acc"] <= 1.0
+
+
+def test_probe_setting_tiny():
+    out = run_script("probe_setting.py", "--labels", "50", "--seeds", "0", "--epochs", "2", "--num-samples", "1000",
+                     "--teacher-samples", "1000", "--teacher-epochs", "2", "--methods", "hard", "kd", "fitnet",
+                     "probe_kd")
+    assert {"labels", "labelled", "results", "teacher", "seconds"} <= set(out)
+    assert out["teacher"]["teacher_classes"] == 5
+    res = out["results"]["50"]
+    assert abs(out["labelled"]["50"] - 50) <= 2
+    assert "na" in res["kd"] and "classes" in res["kd"]["na"]  # the teacher's 5 logits cannot teach 10 classes
+    assert "mean" in res["hard"] and "mean" in res["fitnet"]
+    probe = res["probe_kd"]
+    assert set(probe["layers"]) == {"relu1", "relu2", "relu3"}
+    assert probe["chosen"] == max(probe["layers"], key=lambda k: probe["layers"][k]["probe_val_acc"])
+    assert all("mean" in v["student"] and 0 <= v["probe_test_acc"] <= 1 for v in probe["layers"].values())
+
+
+def test_search_efficiency_tiny(tmp_path):
+    base = yaml.safe_load((BENCH / "search_efficiency_base.yaml").read_text())
+    base["data"]["params"] = {"num_samples": 1000}
+    base["teacher"]["recipe"]["train"]["epochs"] = 2
+    space = yaml.safe_load((BENCH / "search_efficiency_space.yaml").read_text())
+    space["base"] = "base.yaml"
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    plot = tmp_path / "curve.png"
+    out = run_script("search_efficiency.py", "--space", str(tmp_path / "space.yaml"), "--seeds", "0", "--trials", "2",
+                     "--asha-trials", "3", "--max-epochs", "2", "--grace-period", "1", "--plot", str(plot),
+                     "--storage", str(tmp_path / "results"), cwd=tmp_path)
+    assert {"budget_epochs", "summary", "runs", "curves", "random_final_best_mean", "seconds"} <= set(out)
+    assert out["budget_epochs"] == 4 and set(out["summary"]) == {"random", "tpe", "tpe_asha"}
+    for name, curves in out["curves"].items():
+        c = curves[0]
+        assert c == sorted(c) and len(c) == out["runs"][name][0]["epochs_total"]  # best-so-far, one per epoch
+    assert out["runs"]["random"][0]["epochs_total"] == 4 and out["runs"]["tpe_asha"][0]["trials"] == 3
+    assert out["summary"]["random"]["reached"] == "1/1"  # random reaches its own final best
+    assert plot.is_file() and plot.stat().st_size > 1000
+
+
+def test_cifar100_tiny():
+    out = run_script("cifar100.py", "--tiny", "--method", "kd", "probe_kd")
+    assert {"teacher", "student", "results", "reference", "teacher_test_acc", "device", "seconds"} <= set(out)
+    assert out["tiny"] is True and out["epochs"] == 1
+    for method in ("kd", "probe_kd"):
+        r = out["results"][method]
+        assert {"test_acc", "best_test_acc", "epochs", "reference"} <= set(r) and 0 <= r["test_acc"] <= 100
+    assert out["results"]["probe_kd"]["probes"][0]["layer"] == "layer3"
+    assert out["reference"]["kd"] == 73.33 and out["reference"]["teacher"] == 79.42

@@ -208,7 +208,8 @@ def trial(config: dict, *, shared: list, space_raw: dict, base_raw: dict, base_d
     def report(metrics: dict, state_fn) -> None:
         with tempfile.TemporaryDirectory() as d:
             torch.save(state_fn(), Path(d) / "state.pt")
-            tune.report({**metrics, "max_epochs": max_epochs, "resumed_from": start["epoch"] if start else 0},
+            tune.report({**metrics, "max_epochs": max_epochs, "resumed_from": start["epoch"] if start else 0,
+                         "node_id": ray.get_runtime_context().get_node_id()},
                         checkpoint=tune.Checkpoint.from_directory(d))
 
     run(cfg, prep, callbacks=(report,), start_state=start)

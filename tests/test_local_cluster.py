@@ -3,6 +3,7 @@ MLflow server; a search submitted with `ray job submit` and one run with `--addr
 to that server; stop.sh stops everything start.sh started."""
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -59,6 +60,9 @@ def test_job_submit_and_address_searches_log_to_the_local_mlflow_server(cluster,
          "auto", "--storage-path", str(tmp_path / "job"), "--tracking-uri", mlflow_uri, "--experiment", "via-job",
          *QUICK], env=env, capture_output=True, text=True, timeout=600)
     assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-3000:]
+    rows = [json.loads(line) for f in (tmp_path / "job").rglob("result.json")
+            for line in f.read_text().splitlines() if line.strip()]
+    assert len({r["node_id"] for r in rows}) == 2, "the job's trials did not use both nodes"
     direct = subprocess.run(
         [_bin("kdray"), "search", space, "--address", ray_address, "--storage-path", str(tmp_path / "direct"),
          "--experiment", "via-address", *QUICK], env=env, capture_output=True, text=True, timeout=600)

@@ -12,7 +12,7 @@ from kdray.config import TermConfig
 from kdray.errors import ConfigError
 from kdray.methods import METHODS, Method, Signals, build_terms
 
-ALL = ["ab", "at", "dkd", "feature_l2", "fitnet", "fsp", "kd", "pkt", "probe_kd", "rkd", "sp"]
+ALL = ["ab", "at", "dkd", "feature_l2", "fitnet", "fsp", "kd", "pkt", "probe_kd", "rkd", "self_aux", "sp"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,7 +436,7 @@ def test_build_terms_weights_and_defaults():
     assert out[0][0] is terms[0]
     defaults = {n: METHODS.get(n).default_weight for n in ALL}
     assert defaults == {"kd": 0.9, "fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "rkd": 1.0, "pkt": 30000.0,
-                        "dkd": 1.0, "fsp": 1.0, "ab": 1.0, "feature_l2": 1.0, "probe_kd": 0.9}
+                        "dkd": 1.0, "fsp": 1.0, "ab": 1.0, "feature_l2": 1.0, "probe_kd": 0.9, "self_aux": 1.0}
 
 
 def gradient_case(method):
@@ -449,9 +449,12 @@ def gradient_case(method):
     s_feats, t_feats = {"s1": s1, "s2": s2}, {"t1": t1, "t2": t2}
     layers = {"none": {}, "teacher": {"teacher_layers": ["t1"]},
               "fsp": {"teacher_layers": ["t1", "t2"], "student_layers": ["s1", "s2"]},
-              "pairs": {"teacher_layers": ["t1"], "student_layers": ["s1"]}}[METHODS.get(method).layers]
+              "pairs": {"teacher_layers": ["t1"], "student_layers": ["s1"]},
+              "student": {"student_layers": ["s1", "s2"]}}[METHODS.get(method).layers]
     m = make(method, **layers).double()
-    m.build({k: v.shape for k, v in s_feats.items()}, {k: v.shape for k, v in t_feats.items()})
+    from kdray.methods import LOGITS
+
+    m.build({LOGITS: s_logits.shape, **{k: v.shape for k, v in s_feats.items()}}, {k: v.shape for k, v in t_feats.items()})
     m = m.double()
     sig = Signals(student_logits=s_logits, teacher_logits=t_logits, student_features=s_feats,
                   teacher_features=t_feats, probe_logits={"t1": probe}, labels=torch.tensor([1, -1, 3, -1]))

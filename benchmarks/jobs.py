@@ -1,8 +1,9 @@
 """Shared by the benchmark scripts: running training jobs in worker processes, and mean/std summaries."""
 from __future__ import annotations
 
+import json
 import statistics
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 
 def _worker_init() -> None:
@@ -28,3 +29,12 @@ def summarise(values: list[float]) -> dict:
     return {"mean": round(statistics.mean(values), 4),
             "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
             "runs": [round(v, 4) for v in values]}
+
+
+def report(out: dict, md: str, markdown_path: Optional[str], log: Callable[[str], None]) -> None:
+    """The tables to the progress log (and to ``markdown_path``), then the JSON summary as the last stdout line."""
+    log("\n" + md)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(md + "\n")
+    print(json.dumps(out))

@@ -48,7 +48,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from jobs import run_jobs, summarise  # benchmarks/jobs.py
+from jobs import report, run_jobs, summarise  # benchmarks/jobs.py
 
 STUDENTS = {
     "mnist1d_cnn_small": {"name": "mnist1d_cnn_small", "kwargs": {"channels": 8}},
@@ -384,12 +384,7 @@ def main() -> None:
         "cpu_s": round(sum(cpu_seconds), 1),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-    md = markdown(out)
-    log("\n" + md)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(md + "\n")
-    print(json.dumps(out))
+    report(out, markdown(out), args.markdown, log)
 
 
 if __name__ == "__main__":

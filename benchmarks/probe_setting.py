@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Any
 
-from jobs import run_jobs, summarise  # benchmarks/jobs.py
+from jobs import report, run_jobs, summarise  # benchmarks/jobs.py
 
 TEACHER_LABEL_MAP = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
 TEACHER_GENERATOR = {"seed": 1234, "iid_noise_scale": 0.05, "corr_noise_scale": 0.4, "shear_scale": 1.0}
@@ -253,12 +253,7 @@ def main() -> None:
                     "num_samples": args.teacher_samples},
         "results": results, "runs": runs, "seconds": round(time.perf_counter() - t_start, 1),
     }
-    md = markdown(out)
-    log("\n" + md)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(md + "\n")
-    print(json.dumps(out))
+    report(out, markdown(out), args.markdown, log)
 
 
 if __name__ == "__main__":

@@ -117,17 +117,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from kdray import cache
 
     if args.cache_cmd == "build":
-        from kdray.run import cache_request, prepare
+        from kdray.run import prepare
         from kdray.search import search_cache
 
-        cfgs, is_space = configs_of(args.path, args.cache_dir)
+        cfgs = configs_of(args.path, args.cache_dir)
         prep = prepare(cfgs[0])
-        if is_space:
-            entry = search_cache(cfgs, prep)
-        else:
-            req = cache_request(cfgs, prep, prep.bundle.x_train[: cfgs[0].data.batch_size])
-            entry = None if prep.teacher is None or req is None else cache.get_cache(
-                prep.teacher, prep.bundle, req, cache_root=cfgs[0].cache_dir)
+        entry = search_cache(cfgs, prep)  # one config, or every config a space's trials can draw
         if entry is None:
             print("nothing to cache (no teacher, augmented inputs, the cache turned off, or over its budget)")
             return 0
@@ -152,8 +147,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def configs_of(path: str, cache_dir: str | None) -> tuple[list, bool]:
-    """The experiment config at ``path``, or for a search space every config its trials can draw (and True)."""
+def configs_of(path: str, cache_dir: str | None) -> list:
+    """The experiment config at ``path``, or for a search space every config its trials can draw."""
     from kdray.config import load_config, read_yaml
     from kdray.space import check_space, choice_combinations, load_space
 
@@ -162,8 +157,8 @@ def configs_of(path: str, cache_dir: str | None) -> tuple[list, bool]:
     raw = read_yaml(path)
     if isinstance(raw, dict) and "base" in raw:
         space, base_raw, base_dir = load_space(path)
-        return check_space(space, base_raw, base_dir) + choice_combinations(space, base_raw, base_dir), True
-    return [load_config(path)], False
+        return check_space(space, base_raw, base_dir) + choice_combinations(space, base_raw, base_dir)
+    return [load_config(path)]
 
 
 @command

@@ -277,15 +277,16 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
         callbacks = tuple((lambda cb: lambda m, state_fn: cb({**m, **probe_acc}, state_fn))(cb) for cb in callbacks)
     show = cfg.train.progress and rank == 0
     export: dict[str, Any] = {}
-    export_on = (cfg.export.sparsity > 0 or cfg.export.quantize) and world_size == 1
-    if export_on:
-        # compressed before the last epoch is reported, so a search sees (and registers) the exported student
-        def compress_last(metrics: dict, state_fn) -> None:
-            if metrics["epoch"] == cfg.train.epochs and not export:
-                export.update(compress(cfg, built, data))
-                metrics.update(export_metrics(export))
+    first: list[EpochCallback] = []  # run before the caller's callbacks, adding to the epoch's metrics
 
-        callbacks = (compress_last, *callbacks)
+    def compress_last(metrics: dict, state_fn) -> None:
+        # compressed before the last epoch is reported, so a search sees (and registers) the exported student
+        if metrics["epoch"] == cfg.train.epochs and not export:
+            export.update(compress(cfg, built, data))
+            metrics.update(export_metrics(export))
+
+    if (cfg.export.sparsity > 0 or cfg.export.quantize) and world_size == 1:
+        first.append(compress_last)
     n_params = float(count_parameters(built.distiller.student))
 
     def student_facts(metrics: dict, state_fn) -> None:  # what a multi-objective search may weigh
@@ -295,7 +296,7 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
 
             metrics["latency_ms"] = latency_ms(built.distiller.student, b.x_test[:100])
 
-    callbacks = (*callbacks[:1], student_facts, *callbacks[1:]) if export_on else (student_facts, *callbacks)
+    callbacks = (*first, student_facts, *callbacks)
     try:
         with epoch_bar(cfg.train.epochs, cfg.name, show) as bar:
             result = fit(built.distiller, data, cfg.train, seed=cfg.seed, teacher=built.signal,

@@ -341,6 +341,34 @@ def test_rkd_against_loop_reference():
     assert got2 == pytest.approx(np_rkd(s.numpy().reshape(4, -1), t.numpy(), 1.0, 0.0), rel=1e-7)
 
 
+def test_rkd_angles_match_difference_vectors_with_duplicates_and_gradients():
+    """kdray computes RKD angles from the Gram matrix; the direct (B, B, D) unit-difference formulation
+    gives the same values and gradients, and a duplicated example gives 0 angles and finite gradients."""
+    from kdray.methods import _angles
+
+    def direct(f):  # RepDistiller's form, but e_ii = 0 without normalize's eps (whose 1/eps gradient, cancelled
+        v = f[None, :, :] - f[:, None, :]  # between f_i and -f_i, leaves 1e12-scale rounding noise)
+        n = v.norm(dim=2, keepdim=True)
+        e = torch.where(n > 0, v / n.clamp_min(1e-30), 0.0)
+        return torch.bmm(e, e.transpose(1, 2))
+
+    f = torch.randn(24, 40, generator=torch.Generator().manual_seed(3)) * 5 + 2
+    f[7] = f[3]  # a duplicate, as two inputs with the same (e.g. all-zero) features give
+    a, b = f.clone().requires_grad_(True), f.clone().requires_grad_(True)
+    got, want = _angles(a), direct(b)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got[3, 7].abs().max() == 0 and got[7, :, 3].abs().max() == 0
+    w = torch.randn(24, 24, 24, generator=torch.Generator().manual_seed(4))
+    (got * w).sum().backward()  # the direct form's gradient explodes at a duplicate (normalize's eps: 1e12)
+    assert torch.isfinite(a.grad).all() and a.grad.abs().max() < 1e3
+    f[7] += 0.5  # no duplicate: the same gradients
+    a, b = f.double().requires_grad_(True), f.double().requires_grad_(True)
+    w = w.double()
+    (_angles(a) * w).sum().backward()
+    (direct(b) * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-9, rtol=1e-9)
+
+
 def test_rkd_hand_distance_value_and_batch_of_one():
     # student points 0, 1, 3 on a line: distances 1, 3, 2 -> mean 2 -> normalised .5, 1.5, 1
     # teacher points 0, 1, 2: distances 1, 2, 1 -> mean 4/3 -> .75, 1.5, .75

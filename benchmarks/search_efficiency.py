@@ -164,6 +164,8 @@ def main() -> None:
     ap.add_argument("--asha-trials", type=int, default=48, help="trials of TPE + ASHA (its curve is cut at the budget)")
     ap.add_argument("--max-epochs", type=int, default=16)
     ap.add_argument("--grace-period", type=int, default=2)
+    ap.add_argument("--reduction-factor", type=float, default=2)
+    ap.add_argument("--tpe-startup-trials", type=int, default=10)
     ap.add_argument("--space", default=str(SPACE))
     ap.add_argument("--plot", default=str(HERE / "results" / "search_efficiency.png"), help="PNG path ('' for none)")
     ap.add_argument("--cache-dir", help="kdray cache folder (default: $KDRAY_CACHE_DIR, else kdray's default)")
@@ -189,7 +191,9 @@ def main() -> None:
                 searcher, scheduler, offset = SEARCHERS[name]
                 n = args.asha_trials if scheduler == "asha" else args.trials
                 overrides = {"searcher": searcher, "scheduler": scheduler, "num_trials": n, "seed": seed + offset,
-                             "max_epochs": args.max_epochs, "grace_period": args.grace_period, "concurrency": 2}
+                             "max_epochs": args.max_epochs, "grace_period": args.grace_period, "concurrency": 2,
+                             "reduction_factor": args.reduction_factor,
+                             "tpe_startup_trials": args.tpe_startup_trials}
                 folder = storage / f"{name}-{seed}"
                 t0 = time.perf_counter()
                 if args.reuse and (folder / "search-efficiency" / "results.parquet").is_file():

@@ -39,6 +39,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     p.add_argument("--generations", type=int, default=0, metavar="N",
                    help="born-again: N more generations, each taught (logit KD) by the previous one's student")
+    p.add_argument("--track", action="store_true",
+                   help="log to MLflow: one run (with --generations a parent run and a child per generation)")
+    add_tracking_uri(p)
+    p.add_argument("--experiment", help="MLflow experiment name with --track (default: the config's name)")
     p.set_defaults(func=cmd_train)
 
 
@@ -51,17 +55,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.output_dir) if args.output_dir else Path(cfg.output_dir) / cfg.name
     if args.generations < 0:
         raise ConfigError("--generations", args.generations, "0 or more")
+    tracker = None
+    if args.track:
+        from kdray.train_tracking import TrainTracker
+
+        tracker = TrainTracker(args.tracking_uri, args.experiment or cfg.name)
+        signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the runs KILLED, like Ctrl-C
     if args.generations:
         from kdray.report import table
         from kdray.run import born_again
 
-        gens = born_again(cfg, args.generations, out)
+        gens = tracker.born_again(cfg, args.generations, out) if tracker else born_again(cfg, args.generations, out)
         print(table([[g, "teacher" if g == 0 else f"gen{g - 1}", f"{s.test_acc:.4f}", s.output_dir]
                      for g, s in enumerate(gens)], ["generation", "taught by", "test acc", "saved to"]))
         summary = gens[-1]
     else:
-        summary = run(cfg, output_dir=out)
+        summary = tracker.train(cfg, out) if tracker else run(cfg, output_dir=out)
     print(summary_table(summary))
+    if tracker:
+        print(f"MLflow: experiment {args.experiment or cfg.name!r} at {tracker.uri}")
     if args.json:
         d = summary.to_dict()
         d.pop("history")
@@ -189,7 +201,8 @@ def add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--register-pareto", action="store_true",
                    help="multi-objective space: register every Pareto-optimal student (instead of the top K)")
     p.add_argument("--register-top", type=int, default=1, metavar="K",
-                   help="register the students of the K best finished trials (default 1; 0: none)")
+                   help="register the students of the K best finished trials (default 1; 0: none); in a "
+                        "multi-objective search the K Pareto-optimal ones best on the metric")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_search)
 

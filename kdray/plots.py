@@ -1,4 +1,5 @@
-"""Plots of a search's trials table (the :func:`kdray.search.results_frame` DataFrame).
+"""Plots of a search's trials table (the :func:`kdray.search.results_frame` DataFrame), and of born-again
+generations.
 
 Pure functions: a DataFrame in, one file out (PNG with matplotlib's object API, no pyplot global state;
 interactive HTML with plotly when it is installed). Searched dimensions are the ``param.*`` columns;
@@ -239,6 +240,21 @@ def pareto_front(df: pd.DataFrame, metrics: list[str], modes: list[str], path: s
         ax.set_xscale("log")
     ax.set_title(f"{mx} vs {my}: {int(on.sum())} Pareto-optimal of {len(fin)} finished trials")
     ax.legend(loc="best", fontsize="small")
+    return _save(fig, path)
+
+
+def generations_plot(test_accs: list[float], path: str | Path) -> Path:
+    """Born-again generations: test accuracy by generation (0 = taught by the original teacher)."""
+    fig = _figure(5.5, 3.5)
+    ax = fig.add_subplot()
+    gens = list(range(len(test_accs)))
+    ax.plot(gens, test_accs, marker="o", color="tab:blue")
+    for g, a in zip(gens, test_accs):
+        ax.annotate(f"{a:.3f}", (g, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xticks(gens)
+    ax.set_xlabel("generation (each taught by the one before; 0 by the teacher)")
+    ax.set_ylabel("student test accuracy")
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import yaml
@@ -29,8 +29,8 @@ from kdray.methods import LOGITS
 from kdray.models import build_model, count_parameters
 from kdray.probes import ProbeReport
 from kdray.progress import epoch_bar
-from kdray.teacher import (LiveTeacher, PrecomputedTeacher, ensemble_architecture, fit_probes, get_teachers,
-                           probe_specs, save_model, teacher_pass)
+from kdray.teacher import (LiveTeacher, PrecomputedTeacher, TeacherEnsemble, ensemble_architecture, ensemble_mix,
+                           fit_probes, get_teachers, mix_logits, probe_specs, save_model, teacher_for, teacher_pass)
 from kdray.train import (Data, Distiller, EpochCallback, accuracy, fit, predict, resolve_device, seed_everything,
                          test_metrics)
 
@@ -121,7 +121,7 @@ def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
     """Check layers and shapes, build adapters, fit probes, choose the teacher signal."""
     b = prep.bundle
     example = b.x_train[: min(len(b.x_train), cfg.data.batch_size)].to(device)
-    teacher = prep.teacher.to(device) if prep.teacher is not None else None
+    teacher = teacher_for(prep.teacher.to(device), cfg) if prep.teacher is not None else None
     distiller = build_distiller(cfg, teacher, b.num_classes, example, b.name)
     if teacher is None:
         return Built(distiller, None, None, [], None, None)
@@ -131,9 +131,9 @@ def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
     if cfg.distill.scheme == "offline" and b.augment is None and cfg.teacher_cache.enabled and \
             (req := cache_request([cfg], prep, example)) is not None:
         cache = usable_cache(cfg, prep, req, device)
-        signal, reports = cached_signal(cache, distiller, specs)
-        val_pred, test_pred = [cache.tensor(s, "logits").argmax(1) if same_classes and len(cache.arrays[s]["label"])
-                               else None for s in ("val", "test")]
+        signal, reports = cached_signal(cache, distiller, specs, teacher)
+        val_pred, test_pred = [cached_logits(cache, s, teacher).argmax(1)
+                               if same_classes and len(cache.arrays[s]["label"]) else None for s in ("val", "test")]
         return Built(distiller, signal, None, reports, val_pred, test_pred)
     teacher_val_pred = (predict(teacher, b.x_val.to(device), eval_bs).argmax(1).cpu()
                         if same_classes and len(b.x_val) else None)
@@ -176,7 +176,8 @@ def cache_request(cfgs: list[ExperimentConfig], prep: Prepared, example: torch.T
     computes the teacher's outputs in memory, uncached)."""
     from kdray.methods import build_terms
 
-    req = CacheRequest(dtype=cfgs[0].teacher_cache.dtype)
+    members = tuple(prep.teacher.member_paths) if isinstance(prep.teacher, TeacherEnsemble) else ()
+    req = CacheRequest(members, dtype=cfgs[0].teacher_cache.dtype)  # an ensemble: every member's logits
     for cfg in cfgs:
         if cfg.distill.scheme == "offline":
             terms = [m for _, _, m in build_terms(cfg.distill.terms, cfg.distill.temperature)]
@@ -219,13 +220,23 @@ def cache_info(cfg: ExperimentConfig) -> dict:
             "data": {"config": cfg.data.model_dump(mode="json")}}
 
 
-def cached_signal(cache: TeacherCache, distiller: Distiller, specs: list) -> tuple[PrecomputedTeacher, list]:
+def cached_logits(cache: TeacherCache, split: str, teacher: Optional[nn.Module]) -> torch.Tensor:
+    """The teacher's logits for ``split`` from the cache; an ensemble's mixed from its members' cached logits
+    with the weights and temperature of this run."""
+    if isinstance(teacher, TeacherEnsemble):
+        return mix_logits([cache.tensor(split, f"feat/{p}") for p in teacher.member_paths], teacher.weights,
+                          teacher.temperature)
+    return cache.tensor(split, "logits")
+
+
+def cached_signal(cache: TeacherCache, distiller: Distiller, specs: list, teacher: Optional[nn.Module] = None
+                  ) -> tuple[PrecomputedTeacher, list]:
     probe_logits, reports = {}, []
     for spec in specs:
         logits, report = cache.probe(spec)
         probe_logits[spec.layer] = logits
         reports.append(report)
-    signal = PrecomputedTeacher(cache.tensor("train", "logits"),
+    signal = PrecomputedTeacher(cached_logits(cache, "train", teacher),
                                 {p: cache.tensor("train", f"feat/{p}") for p in feature_layers(distiller.terms)},
                                 probe_logits)
     log.info("teacher signal: from the teacher cache (entry %s, %s)", cache.key, "hit" if cache.hit else "built now")
@@ -288,9 +299,21 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
     if (cfg.export.sparsity > 0 or cfg.export.quantize) and world_size == 1:
         first.append(compress_last)
     n_params = float(count_parameters(built.distiller.student))
+    teacher_info = dict(prep.teacher_info)
+    if isinstance(prep.teacher, TeacherEnsemble):  # this run's mix of the members (a search may draw the weights)
+        w, _ = ensemble_mix(cfg)
+        teacher_info["ensemble_weights"] = [x / sum(w) for x in w]
+        if built.teacher_test_pred is not None:
+            teacher_info["teacher_test_acc"] = (built.teacher_test_pred.cpu() == b.y_test).float().mean().item()
 
     def student_facts(metrics: dict, state_fn) -> None:  # what a multi-objective search may weigh
         metrics["student_params"] = n_params
+        if metrics["epoch"] == cfg.train.epochs and rank == 0:  # the student as shipped: int8, pruned or float
+            from kdray.compress import gzip_bytes
+
+            metrics["student_gzip_bytes"] = float(gzip_bytes(built.int8 or built.distiller.student))
+        if "teacher_test_acc" in teacher_info and metrics["epoch"] == cfg.train.epochs:
+            metrics["teacher_test_acc"] = teacher_info["teacher_test_acc"]
         if cfg.export.measure_latency and metrics["epoch"] == cfg.train.epochs:
             from kdray.compress import latency_ms
 
@@ -315,7 +338,7 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
         name=cfg.name, test_acc=final["test_acc"],
         best_val_acc=max(h["val_acc"] for h in hist), final_val_acc=hist[-1]["val_acc"], epochs=len(hist),
         stopped_early=result.stopped_early, student_params=count_parameters(student),
-        seconds=time.perf_counter() - t0, teacher=dict(prep.teacher_info),
+        seconds=time.perf_counter() - t0, teacher=teacher_info,
         probes=[asdict(r) for r in built.probes], test_teacher_agreement=final.get("test_teacher_agreement"), history=hist,
         export=export)
     if output_dir is not None and rank == 0:
@@ -348,16 +371,19 @@ def compress(cfg: ExperimentConfig, built: Built, data: Data) -> dict[str, Any]:
     return out
 
 
-def born_again(cfg: ExperimentConfig, generations: int, output_dir: str | Path) -> list[RunSummary]:
+def born_again(cfg: ExperimentConfig, generations: int, output_dir: str | Path, *,
+               run_fn: Optional[Callable[[ExperimentConfig, Path, int], RunSummary]] = None) -> list[RunSummary]:
     """Born-again networks (Furlanello et al. 2018): generation 0 is ``cfg`` as it is; generation k > 0 trains
     a fresh student of the same architecture with logit KD from generation k-1's student as its teacher
     (``cfg``'s temperature and ce_weight; the kd term's weight if ``cfg`` has one). Each generation is saved
-    under ``output_dir/gen<k>`` and summarised."""
+    under ``output_dir/gen<k>`` and summarised. ``run_fn(config, output_dir, generation)`` trains one
+    generation (default :func:`run`; the MLflow layer passes one that logs it)."""
     from kdray.config import parse_config
 
+    run_fn = run_fn or (lambda c, out, g: run(c, output_dir=out))
     out = Path(output_dir)
     kd_weight = next((t.weight for t in cfg.distill.terms if t.method == "kd" and t.weight is not None), None)
-    summaries = [run(cfg, output_dir=out / "gen0")]
+    summaries = [run_fn(cfg, out / "gen0", 0)]
     log.info("born-again generation 0: test acc %.4f", summaries[0].test_acc)
     for g in range(1, generations + 1):
         raw = cfg.model_dump(mode="json")
@@ -365,9 +391,10 @@ def born_again(cfg: ExperimentConfig, generations: int, output_dir: str | Path) 
         raw["seed"] = cfg.seed + g
         raw["teacher"] = {"model": cfg.student.model_dump(mode="json"),
                           "checkpoint": str((out / f"gen{g - 1}" / "student.pt").resolve())}
+        raw["extra_teachers"] = []
         raw["distill"] = {"temperature": cfg.distill.temperature, "ce_weight": cfg.distill.ce_weight,
                           "terms": [{"method": "kd", **({"weight": kd_weight} if kd_weight is not None else {})}]}
-        summaries.append(run(parse_config(raw), output_dir=out / f"gen{g}"))
+        summaries.append(run_fn(parse_config(raw), out / f"gen{g}", g))
         log.info("born-again generation %d (teacher: generation %d, test acc %.4f): test acc %.4f", g, g - 1,
                  summaries[-2].test_acc, summaries[-1].test_acc)
     return summaries

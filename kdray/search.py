@@ -112,14 +112,20 @@ class PruningAwareOptunaSearch(OptunaSearch):
     (which Optuna's ``tell`` rejects) is told as FAIL.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._reported_steps: dict[str, set[int]] = {}
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if isinstance(self.metric, list):  # multi-objective: Optuna takes no intermediate values
             return
         if trial_id in self._completed_trials or self.metric not in result:
             return
-        value = result[self.metric]
-        if isinstance(value, float) and math.isfinite(value):
-            self._ot_trials[trial_id].report(value, int(result.get("epoch", result.get("training_iteration"))))
+        value, step = result[self.metric], int(result.get("epoch", result.get("training_iteration")))
+        seen = self._reported_steps.setdefault(trial_id, set())
+        if isinstance(value, float) and math.isfinite(value) and step not in seen:  # Tune may pass a result twice
+            seen.add(step)
+            self._ot_trials[trial_id].report(value, step)
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -292,6 +298,7 @@ def results_frame(result_grid, space: SearchSpace) -> pd.DataFrame:
                if space.metric in hist else None,
                "test_acc": last.get("test_acc"), "teacher_agreement": last.get("teacher_agreement"),
                "probe_val_acc": last.get("probe_val_acc"),
+               **({"teacher_test_acc": last["teacher_test_acc"]} if "teacher_test_acc" in last else {}),  # ensembles
                **{o.metric: last.get(o.metric) for o in space.objectives if o.metric != space.metric},
                "epoch_time_s": hist["epoch_time_s"].mean() if "epoch_time_s" in hist else None,
                "error": str(r.error).strip().splitlines()[-1][:300] if r.error is not None else None,

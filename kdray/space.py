@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
@@ -72,6 +73,11 @@ def _decode(v: Any) -> Any:
     return json.loads(v[5:]) if isinstance(v, str) and v.startswith("json:") else v
 
 
+# the only teacher settings a search may vary: the mixing weights of an ensemble (kdray.teacher.TeacherEnsemble
+# mixes cached member outputs per trial, so the teachers themselves stay shared)
+MIX_WEIGHT = re.compile(r"teacher\.weight|extra_teachers\.\d+\.weight")
+
+
 def is_dim(v: Any) -> bool:
     return isinstance(v, dict) and bool(v) and set(v) <= DIM_KEYS and bool({"choice", "float", "int"} & set(v))
 
@@ -96,8 +102,9 @@ class SearchSettings(Strict):
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
 
 
-OBJECTIVE_METRICS = ("student_params", "latency_ms", "val_acc", "test_acc", "float_size_bytes", "pruned_size_bytes",
-                     "int8_size_bytes", "float_latency_ms", "pruned_latency_ms", "int8_latency_ms", "int8_test_acc")
+OBJECTIVE_METRICS = ("student_params", "latency_ms", "student_gzip_bytes", "val_acc", "test_acc",
+                     *(f"{v}_{m}" for v in ("float", "pruned", "int8")
+                       for m in ("size_bytes", "gzip_bytes", "latency_ms", "test_acc")))
 
 
 class Objective(Strict):
@@ -173,9 +180,11 @@ def dimensions(space: SearchSpace) -> dict[str, tuple[str, Dim]]:
                 name = ".".join([m, *map(str, path)])
                 dims[name] = (f"methods.{m}{_field(path)}", parse(f"methods.{m}{_field(path)}", value))
     for key, value in space.params.items():
-        if key.split(".")[0] in ("data", "teacher", "extra_teachers", "cache_dir", "output_dir"):
-            raise ConfigError(f"params.{key}", value, "a student, distill or train setting: one search shares "
-                                                      "one data set and one teacher")
+        if key.split(".")[0] in ("data", "teacher", "extra_teachers", "cache_dir", "output_dir") and \
+                not MIX_WEIGHT.fullmatch(key):
+            raise ConfigError(f"params.{key}", value, "a student, distill or train setting, or a teacher's share of "
+                                                      "an ensemble (teacher.weight, extra_teachers.N.weight): one "
+                                                      "search shares one data set and one set of teachers")
         if is_dim(value):
             dims[key] = (f"params.{key}", parse(f"params.{key}", value))
     return dims

@@ -11,7 +11,7 @@ import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -141,23 +141,57 @@ def get_teacher(cfg: ExperimentConfig, num_classes: int, *, make_bundle: Callabl
 # several teachers
 
 
+def mix_logits(member_logits: Sequence[torch.Tensor], weights: Sequence[float] | torch.Tensor, temperature: float
+               ) -> torch.Tensor:
+    """``T * log(sum_i w_i softmax(z_i / T))`` with ``w`` normalised to sum to 1: logits whose temperature-``T``
+    softmax is exactly the weighted mean of the members' softened probabilities."""
+    T = float(temperature)
+    w = torch.as_tensor(weights, dtype=torch.float32, device=member_logits[0].device)
+    w = w / w.sum()
+    probs = sum(wi * torch.softmax(z.float() / T, dim=-1) for wi, z in zip(w, member_logits))
+    return T * torch.log(probs.clamp_min(1e-12))
+
+
 class TeacherEnsemble(nn.Module):
     """Teachers as one module: member ``i`` is the submodule named ``"i"`` (so its layers are ``"i.<path>"``
-    for hooks), and the output is ``T * log(sum_i w_i softmax(z_i / T))`` with normalised weights, whose
-    temperature-``T`` softmax is exactly the weighted mean of the members' softened probabilities."""
+    for hooks, and its logits the output of layer ``"i"``); the output is :func:`mix_logits` of the members.
 
-    def __init__(self, members: list[nn.Module], weights: list[float], temperature: float):
+    The mixing weights and temperature are not part of the state dict (nor, so, of the teacher-cache
+    fingerprint): the cache keeps every member's logits, and each run mixes them with its own weights and
+    temperature, so a search can draw the weights without new cache entries (:meth:`with_mix`)."""
+
+    def __init__(self, members: list[nn.Module], weights: Sequence[float], temperature: float):
         super().__init__()
+        if len(weights) != len(members):
+            raise ValueError(f"{len(members)} members but {len(weights)} weights")
         for i, m in enumerate(members):
             self.add_module(str(i), m)
-        w = torch.tensor(weights, dtype=torch.float32)
-        self.register_buffer("weights", w / w.sum())  # buffers: part of the teacher-cache fingerprint
-        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        w = torch.tensor(list(weights), dtype=torch.float32)
+        self.register_buffer("weights", w / w.sum(), persistent=False)
+        self.temperature = float(temperature)
+
+    @property
+    def member_paths(self) -> list[str]:
+        return [name for name, _ in self.named_children()]
+
+    def with_mix(self, weights: Sequence[float], temperature: float) -> "TeacherEnsemble":
+        """The same members (shared, not copied) mixed with other weights and temperature."""
+        return TeacherEnsemble(list(self.children()), weights, temperature).to(self.weights.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T = self.temperature
-        probs = [w * torch.softmax(m(x) / T, dim=-1) for w, m in zip(self.weights, self.children())]
-        return T * torch.log(torch.stack(probs).sum(0).clamp_min(1e-12))
+        return mix_logits([m(x) for m in self.children()], self.weights, self.temperature)
+
+
+def ensemble_mix(cfg: ExperimentConfig) -> tuple[list[float], float]:
+    """The mixing weights (one per teacher, main teacher first) and temperature of ``cfg``."""
+    assert cfg.teacher is not None
+    return [t.weight for t in [cfg.teacher, *cfg.extra_teachers]], cfg.distill.temperature
+
+
+def teacher_for(teacher: Optional[nn.Module], cfg: ExperimentConfig) -> Optional[nn.Module]:
+    """``teacher`` as ``cfg`` uses it: an ensemble mixed with ``cfg``'s weights and temperature (a search
+    prepares the ensemble once and may draw both per trial); any other teacher as it is."""
+    return teacher.with_mix(*ensemble_mix(cfg)) if isinstance(teacher, TeacherEnsemble) else teacher
 
 
 def ensemble_architecture(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
@@ -166,8 +200,7 @@ def ensemble_architecture(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     if not cfg.extra_teachers:
         return build_model(cfg.teacher.model, num_classes)
     teachers = [cfg.teacher, *cfg.extra_teachers]
-    return TeacherEnsemble([build_model(t.model, num_classes) for t in teachers], [t.weight for t in teachers],
-                           cfg.distill.temperature)
+    return TeacherEnsemble([build_model(t.model, num_classes) for t in teachers], *ensemble_mix(cfg))
 
 
 def get_teachers(cfg: ExperimentConfig, num_classes: int, *, make_bundle: Callable[[DataConfig], Any]
@@ -181,8 +214,7 @@ def get_teachers(cfg: ExperimentConfig, num_classes: int, *, make_bundle: Callab
         m, i = get_teacher(cfg.model_copy(update={"teacher": t}), num_classes, make_bundle=make_bundle)
         members.append(m)
         infos.append(i)
-    weights = [t.weight for t in [cfg.teacher, *cfg.extra_teachers]]
-    ens = TeacherEnsemble(members, weights, cfg.distill.temperature)
+    ens = TeacherEnsemble(members, *ensemble_mix(cfg))
     log.info("teacher: an ensemble of %d (weights %s, mixed at T=%g)", len(members),
              ", ".join(f"{w:.3g}" for w in ens.weights.tolist()), cfg.distill.temperature)
     return ens, {"source": " + ".join(str(i.get("source")) for i in infos), "members": len(members),

@@ -560,8 +560,8 @@ class SearchTracker:
     def finish(self, grid: Any, table: pd.DataFrame, *, register_top: int, registered_model: Optional[str],
                input_example: Any, baseline: Optional[dict] = None, expected_trials: int = 0,
                register_pareto: bool = False) -> tuple[pd.DataFrame, list[dict]]:
-        """Register the top students (``register_pareto``: every Pareto-optimal one of a multi-objective
-        search), log the summary on the parent run and end it.
+        """Register the top students (of a multi-objective search: the top of its Pareto front, or with
+        ``register_pareto`` every Pareto-optimal one), log the summary on the parent run and end it.
 
         Returns the table with a ``model_version`` column and the registrations. An interrupted search
         (trials left unfinished) only ends the parent as KILLED: ``--resume`` continues it.
@@ -574,7 +574,9 @@ class SearchTracker:
             return table, []
         registrations: list[dict] = []
         error: Optional[BaseException] = None
-        candidates = table[table["pareto"]] if register_pareto and "pareto" in table else table
+        # a multi-objective search registers from its Pareto front: the K best of it by the first objective
+        # (--register-top K), or all of it (--register-pareto)
+        candidates = table[table["pareto"]] if "pareto" in table else table
         top = len(candidates) if register_pareto and "pareto" in table else register_top
         if top > 0:
             try:

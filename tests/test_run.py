@@ -180,20 +180,6 @@ def test_pruned_and_int8_students_are_measured_and_saved(tiny_raw, tmp_path):
     assert zeros > 0
 
 
-def test_two_born_again_generations_learn_from_the_previous_student(tiny_raw, tmp_path):
-    from kdray.run import born_again
-
-    cfg = parse_config(tiny_raw)
-    gens = born_again(cfg, 2, tmp_path)
-    assert len(gens) == 3 and all((tmp_path / f"gen{g}" / "student.pt").is_file() for g in range(3))
-    assert all(0 <= s.test_acc <= 1 for s in gens)
-    for g in (1, 2):  # the teacher of generation g is generation g-1's student file, same architecture
-        saved = read_checkpoint(tmp_path / f"gen{g}" / "student.pt")
-        assert saved["model"] == cfg.student.model_dump(mode="json")
-        assert gens[g].teacher["source"].endswith(f"gen{g - 1}/student.pt")
-        assert "loss_kd" in gens[g].history[-1]
-
-
 def test_self_distillation_runs_without_a_teacher(tiny_raw):
     del tiny_raw["teacher"]
     tiny_raw["distill"] = {"ce_weight": 1.0, "terms": [{"method": "self_aux", "student_layers": ["relu1", "relu2"]}]}
@@ -230,6 +216,36 @@ def test_a_two_teacher_ensemble_teaches_logits_and_layers_of_either_member(tiny_
     tiny_raw["extra_teachers"][0]["weight"] = 0
     with pytest.raises(ConfigError, match="extra_teachers"):
         parse_config(tiny_raw)
+
+
+def test_ensemble_weights_mix_cached_member_logits_without_new_cache_entries(tiny_raw, tmp_path):
+    """The ensemble's mixing weights are not part of the cached teacher: the cache keeps every member's
+    logits and each run mixes them with its own weights, so a search can draw the weights."""
+    from kdray.cache import list_entries
+    from kdray.run import build
+    from kdray.teacher import mix_logits
+
+    tiny_raw["cache_dir"] = str(tmp_path / "cache")
+    tiny_raw["extra_teachers"] = [{"model": {"name": "mnist1d_cnn", "kwargs": {"channels": 8}},
+                                   "recipe": {"seed": 1, "train": {"epochs": 2, "progress": False}}}]
+    prep = prepare(parse_config(tiny_raw))
+    members = [getattr(prep.teacher, "0"), getattr(prep.teacher, "1")]
+    x, y = prep.bundle.x_train, prep.bundle.y_test
+    accs = {}
+    for w in (0.1, 9.0):
+        tiny_raw["extra_teachers"][0]["weight"] = w
+        cfg = parse_config(tiny_raw)
+        built = build(cfg, prep, torch.device("cpu"))
+        with torch.no_grad():  # re-derived from the members themselves
+            want = mix_logits([m(x) for m in members], [1.0, w], cfg.distill.temperature)
+            want_test = mix_logits([m(prep.bundle.x_test) for m in members], [1.0, w], cfg.distill.temperature)
+        torch.testing.assert_close(built.signal.logits, want, atol=1e-4, rtol=1e-4)
+        s = run(cfg, prep)
+        accs[w] = s.teacher["teacher_test_acc"]
+        assert s.teacher["ensemble_weights"] == pytest.approx([1 / (1 + w), w / (1 + w)])
+        assert accs[w] == pytest.approx((want_test.argmax(1) == y).float().mean().item())
+        assert s.history[-1]["teacher_test_acc"] == accs[w]
+    assert len(list_entries(str(tmp_path / "cache"))) == 1  # both mixes from the one entry of member logits
 
 
 def test_no_validation_split_trains(tiny_raw):

@@ -188,3 +188,53 @@ def test_multi_objective_search_finds_a_pareto_front_and_registers_it(tmp_path, 
     c = MlflowClient(uri)
     assert {r["trial_id"] for r in out.registered} == set(front.trial_id)
     assert "plots/pareto_front.png" in {a.path for a in c.list_artifacts(out.mlflow_run_id, "plots")}
+
+
+def test_ensemble_weight_is_a_search_dimension(tmp_path, tiny_raw):
+    """extra_teachers.0.weight drawn per trial: one shared ensemble, one cache entry of member logits, and each
+    trial reports the test accuracy of its own mix."""
+    from kdray.cache import list_entries
+
+    tiny_raw["cache_dir"] = str(tmp_path / "cache")
+    tiny_raw["extra_teachers"] = [{"model": {"name": "mnist1d_cnn", "kwargs": {"channels": 8}},
+                                   "recipe": {"seed": 1, "train": {"epochs": 2, "progress": False}}}]
+    space = write_space(tmp_path, tiny_raw, name="tiny-ensemble", methods={"kd": [{"method": "kd"}]},
+                        params={"extra_teachers.0.weight": {"float": [0.01, 100.0], "log": True}},
+                        search={"num_trials": 3, "concurrency": 2, "max_epochs": 1, "scheduler": "none",
+                                "points_to_evaluate": [{"extra_teachers.0.weight": 0.01},
+                                                       {"extra_teachers.0.weight": 100.0}]})
+    df = run_search(str(space), SearchOptions(storage_path=str(tmp_path / "results"), num_cpus=2, progress=False,
+                                              baseline=False, tracking=False)).table
+    assert (df.status == "finished").all() and df["param.extra_teachers.0.weight"].nunique() == 3
+    assert df["teacher_test_acc"].between(0, 1).all()
+    assert len(list_entries(str(tmp_path / "cache"))) == 1
+    # nearly all weight on one member: the mix's accuracy is that member's
+    by_w = df.set_index("param.extra_teachers.0.weight")["teacher_test_acc"]
+    assert by_w[0.01] != by_w[100.0] or by_w.nunique() == 1
+
+
+@pytest.mark.parametrize("key", ["teacher.model.name", "extra_teachers.0.recipe.seed"])
+def test_teacher_settings_other_than_mix_weights_cannot_be_searched(tmp_path, tiny_raw, key, capsys):
+    space = write_space(tmp_path, tiny_raw, params={key: {"choice": [1, 2]}})
+    assert main(["search", str(space), "--storage-path", str(tmp_path / "r"), "--no-tracking"]) == 2
+    err = capsys.readouterr().err
+    assert f"params.{key}" in err and "extra_teachers.N.weight" in err
+
+
+def test_sparsity_and_quantization_are_search_dimensions_against_size(tmp_path, tiny_raw):
+    """export.sparsity and export.quantize drawn per trial, against the gzipped size of the student as shipped."""
+    space = write_space(tmp_path, tiny_raw, name="tiny-compress", methods={"kd": [{"method": "kd"}]},
+                        objectives=[{"metric": "student_gzip_bytes", "mode": "min"}],
+                        params={"export.sparsity": {"choice": [0.0, 0.9]}, "export.quantize": {"choice": [False, True]},
+                                "export.finetune_epochs": 1},
+                        search={"num_trials": 2, "concurrency": 2, "max_epochs": 1,
+                                "points_to_evaluate": [{"export.sparsity": 0.0, "export.quantize": False},
+                                                       {"export.sparsity": 0.9, "export.quantize": True}]})
+    df = run_search(str(space), SearchOptions(storage_path=str(tmp_path / "results"), num_cpus=2, progress=False,
+                                              baseline=False, tracking=False)).table
+    assert (df.status == "finished").all() and len(df) == 2
+    dense = df[df["param.export.sparsity"] == 0.0].iloc[0]
+    small = df[df["param.export.sparsity"] == 0.9].iloc[0]
+    assert not dense["param.export.quantize"] and small["param.export.quantize"]
+    assert small.student_gzip_bytes < 0.7 * dense.student_gzip_bytes
+    assert small.pareto

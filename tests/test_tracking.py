@@ -448,3 +448,51 @@ def test_an_int8_student_is_registered_and_loads_within_a_point_of_the_float_one
     assert acc == pytest.approx(float(tags["int8_test_acc"]), abs=1e-6)
     assert abs(acc - float(tags["float_test_acc"])) <= 0.01  # within 1 point of the float student
     assert out.table.loc[out.table.trial_id == tags["trial_id"], "model_version"].iloc[0] == str(mv.version)
+
+
+def test_born_again_generations_are_each_an_mlflow_child_run(tmp_path, tiny_raw, capsys):
+    """kdray train --generations 2 --track: generation g is taught by generation g-1's student file (same
+    architecture), saved under gen<g>, and logged as a child run of one parent, which plots the generations."""
+    from kdray.teacher import read_checkpoint
+
+    (tmp_path / "cfg.yaml").write_text(json.dumps(tiny_raw))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "out"
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--generations", "2", "--track", "--tracking-uri", uri,
+                 "--experiment", "born-again", "--output-dir", str(out), "--json"]) == 0
+    cfg = parse_config(tiny_raw)
+    for g in (1, 2):  # the teacher of generation g is generation g-1's student file, same architecture
+        saved = read_checkpoint(out / f"gen{g}" / "student.pt")
+        assert saved["model"] == cfg.student.model_dump(mode="json")
+        summary = json.loads((out / f"gen{g}" / "summary.json").read_text())
+        assert summary["teacher"]["source"].endswith(f"gen{g - 1}/student.pt")
+        assert "loss_kd" in summary["history"][-1]
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("born-again")
+    runs = c.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("kdray.role") == "born_again")
+    children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                      key=lambda r: int(r.data.tags["kdray.generation"]))
+    assert len(runs) == 4 and [r.data.tags["kdray.generation"] for r in children] == ["0", "1", "2"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    accs = []
+    for g, r in enumerate(children):
+        hist = c.get_metric_history(r.info.run_id, "val_acc")
+        assert [m.step for m in hist] == [1, 2]  # every epoch, logged as it came
+        accs.append(json.loads((out / f"gen{g}" / "summary.json").read_text())["test_acc"])
+        assert r.data.metrics["test_acc"] == pytest.approx(accs[-1])
+        assert "student/student.pt" in {a.path for a in c.list_artifacts(r.info.run_id, "student")}
+    gen_hist = sorted(c.get_metric_history(parent.info.run_id, "generation_test_acc"), key=lambda m: m.step)
+    assert [m.value for m in gen_hist] == pytest.approx(accs)
+    assert "plots/generations.png" in {a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
+    assert "MLflow: experiment 'born-again'" in capsys.readouterr().out
+
+
+def test_a_failing_tracked_train_ends_its_run_failed(tmp_path, tiny_raw):
+    tiny_raw["distill"]["terms"] = [{"method": "fitnet", "weight": 1e39, "teacher_layers": ["relu3"],
+                                     "student_layers": ["relu3"]}]  # diverges at the first step
+    (tmp_path / "cfg.yaml").write_text(json.dumps(tiny_raw))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--track", "--tracking-uri", uri]) != 0
+    (r,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("tiny").experiment_id])
+    assert r.info.status == "FAILED" and "diverged" in r.data.tags["kdray.error"]

@@ -1,4 +1,4 @@
-"""Float vs pruned vs int8 students: test accuracy, size on disk and CPU latency.
+"""Float vs pruned vs int8 students: test accuracy, size on disk (plain and gzipped) and CPU latency.
 
 Runs ``configs/mnist1d_kd.yaml`` (logit KD, 10% labels) with ``export: {sparsity: S, finetune_epochs: 2,
 quantize: true}`` for the small CNN and the MLP student, 3 seeds each. Latency is the median of 50 forward
@@ -49,6 +49,7 @@ def main() -> None:
         out[key] = {variant: {"test_acc": round(statistics.mean(m["test_acc"] for m in ms), 4),
                               "test_acc_std": round(statistics.stdev(m["test_acc"] for m in ms), 4) if len(ms) > 1 else 0,
                               "size_bytes": int(statistics.mean(m["size_bytes"] for m in ms)),
+                              "gzip_bytes": int(statistics.mean(m["gzip_bytes"] for m in ms)),
                               "latency_ms": round(statistics.median(m["latency_ms"] for m in ms), 4),
                               "sparsity": round(statistics.mean(m["sparsity"] for m in ms), 3)}
                     for variant, ms in rows.items()}

@@ -36,7 +36,6 @@ def test_methods_table_tiny():
     assert "na" in mlp["at"]["0.2"] and "mean" in mlp["probe_kd"]["0.2"]  # no feature maps in the MLP
     choice = out["probe_choice"]["0.2"]
     assert choice["val_acc"] == max(c["val_acc"] for c in choice["candidates"])
-    assert out["rkd_angles"]["gram"]["mnist1d_cnn_small"]["grad_rel_diff"] < 1e-3
     assert 0.0 < out["teacher_test_acc"] <= 1.0
 
 

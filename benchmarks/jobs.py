@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from typing import Any, Callable, Iterator, Optional
 
@@ -37,4 +38,19 @@ def report(out: dict, md: str, markdown_path: Optional[str], log: Callable[[str]
     if markdown_path:
         with open(markdown_path, "w") as f:
             f.write(md + "\n")
-    print(json.dumps(out))
+    print_json(out)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def print_json(out: dict) -> None:
+    """The summary as one line of strict JSON (NaN, e.g. a metric without a validation split, becomes null)."""
+    print(json.dumps(_finite(out), allow_nan=False))

@@ -186,6 +186,7 @@ def add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage-path", help="local folder (default ./kdray_results), s3://, gs:// or an NFS path")
     p.add_argument("--scheduler", choices=["asha", "none"])
     p.add_argument("--searcher", choices=["tpe", "random"])
+    p.add_argument("--tpe-startup-trials", type=int, help="TPE: random trials before it models the space (10)")
     p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped")
     p.add_argument("--reduction-factor", type=float, help="ASHA: keep 1/factor of trials at each rung")
     p.add_argument("--max-epochs", type=int, help="epochs of a trial that is not stopped early")
@@ -208,7 +209,8 @@ def add_search(sub: argparse._SubParsersAction) -> None:
 
 
 SEARCH_SETTINGS = ("num_trials", "concurrency", "workers_per_trial", "cpus_per_worker", "gpus_per_worker",
-                   "scheduler", "searcher", "grace_period", "reduction_factor", "max_epochs", "max_failures", "seed")
+                   "scheduler", "searcher", "tpe_startup_trials", "grace_period", "reduction_factor", "max_epochs",
+                   "max_failures", "seed")
 
 
 def cmd_search(args: argparse.Namespace) -> int:

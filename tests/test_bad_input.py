@@ -140,6 +140,15 @@ def test_search_refuses_bad_input_before_any_work(tmp_path, cache_dir, capsys, n
     refused(tmp_path, cache_dir, argv, words, capsys)
 
 
+@pytest.mark.parametrize("option,value,words", [
+    ("--tpe-startup-trials", "0", ["--tpe-startup-trials", "0", ">= 1"]),
+    ("--reduction-factor", "1", ["--reduction-factor", "1", "> 1"]),
+])
+def test_search_refuses_bad_search_options(tmp_path, cache_dir, capsys, option, value, words):
+    argv = search(tmp_path, base_config(cache_dir)) + [option, value]
+    refused(tmp_path, cache_dir, argv, words, capsys)
+
+
 @pytest.mark.parametrize("command", ["search", "train"])
 @pytest.mark.parametrize("file,words", [
     ("missing.pt", ["teacher.checkpoint", "missing.pt", "an existing checkpoint file"]),

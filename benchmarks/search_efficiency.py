@@ -6,8 +6,9 @@ layer and pooling, hint layer, temperature, loss weights, learning rate; MNIST-1
 
 * ``random``: Optuna's RandomSampler, no early stopping: ``--trials`` trials, every one trained to the end;
 * ``tpe``: Optuna TPE, no early stopping: the same number of trials;
-* ``tpe_asha``: Optuna TPE with ASHA (grace period 2, reduction factor 2): ``--asha-trials`` trials, more
-  than the others because most are stopped early; its curve is cut at the same budget of epochs.
+* ``tpe_asha``: Optuna TPE with ASHA (grace period 1, reduction factor 4: Ray's ``ASHAScheduler`` defaults;
+  rungs at 1, 4 and 16 epochs): ``--asha-trials`` trials, more than the others because most are stopped early;
+  its curve is cut at the same budget of epochs.
 
 The budget is ``--trials x max_epochs`` training epochs (256 by default). Searcher seeds are ``seed`` for
 random search, ``seed + 100`` for TPE and ``seed + 200`` for TPE + ASHA: Optuna's TPE draws its first 10
@@ -19,11 +20,12 @@ all epoch reports of a search are put in the order they finished (the trial's st
 ``timestamp`` and ``time_total_s`` fields, plus ``time_total_s`` at that epoch) and counted:
 the curve is the best validation accuracy reported so far against the number of epochs trained so far.
 Reported per searcher: the curve's value at the budget (mean ± std over seeds) and the epochs each run
-needs to reach the *final best of random search* (its mean over the random seeds); the plot goes to
+needs to reach the *final best of random search* (its mean over the random seeds) and their median, a run
+that never reaches it counting as the longest; the plot goes to
 ``benchmarks/results/search_efficiency.png``.
 
-Usage: ``python benchmarks/search_efficiency.py [--seeds 0 1 2] [--trials 16] [--asha-trials 48]
-[--max-epochs 16] [--searchers random tpe tpe_asha] [--plot PATH] [--cache-dir DIR]
+Usage: ``python benchmarks/search_efficiency.py [--seeds 0 1 2] [--trials 16] [--asha-trials 64]
+[--max-epochs 16] [--grace-period 1] [--reduction-factor 4] [--tpe-startup-trials 10] [--searchers random tpe tpe_asha] [--plot PATH] [--cache-dir DIR]
 [--storage DIR [--reuse]]``; ``--reuse`` re-reads the searches already in ``--storage`` instead of running them
 (to redo the analysis and the plot). Progress goes to stderr; the last line of stdout is a JSON object.
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -111,6 +114,13 @@ def epochs_to_reach(c: list[float], target: float, budget: int) -> Optional[int]
     return None
 
 
+def median_reach(reach: list[Optional[int]]) -> Optional[float]:
+    """Median of the epochs to reach the target, a run that never reached it counting as the longest
+    (None when the median itself is such a run)."""
+    m = statistics.median([math.inf if x is None else x for x in reach]) if reach else math.inf
+    return None if math.isinf(m) else m
+
+
 def best_within(table, events: list[dict], budget: int, max_epochs: int):
     """The results row of the best trial (by final val_acc) that finished its last epoch within the budget."""
     done = {e["trial"] for e in events[:budget] if e["epoch"] == max_epochs}
@@ -137,8 +147,8 @@ def plot(curves: dict[str, list[list[float]]], budget: int, target: float, path:
         cs = [c[:budget] for c in cs if c]
         for c in cs:
             ax.step(range(1, len(c) + 1), c, where="post", color=COLOURS[name], alpha=0.3, lw=1)
-        n = min(len(c) for c in cs)
-        mean = np.mean([c[:n] for c in cs], axis=0)
+        n = max(len(c) for c in cs)  # a search that ran out of trials before the budget keeps its final best
+        mean = np.mean([c + [c[-1]] * (n - len(c)) for c in cs], axis=0)
         ax.step(range(1, n + 1), mean, where="post", color=COLOURS[name], lw=2.2,
                 label=f"{LABELS[name]} (mean of {len(cs)})")
     ax.axhline(target, color="black", ls="--", lw=1, label=f"final best of random search (mean) {target:.3f}")
@@ -161,10 +171,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--searchers", nargs="+", default=list(SEARCHERS), choices=list(SEARCHERS))
     ap.add_argument("--trials", type=int, default=16, help="trials of the searchers without early stopping")
-    ap.add_argument("--asha-trials", type=int, default=48, help="trials of TPE + ASHA (its curve is cut at the budget)")
+    ap.add_argument("--asha-trials", type=int, default=64, help="trials of TPE + ASHA (its curve is cut at the budget)")
     ap.add_argument("--max-epochs", type=int, default=16)
-    ap.add_argument("--grace-period", type=int, default=2)
-    ap.add_argument("--reduction-factor", type=float, default=2)
+    ap.add_argument("--grace-period", type=int, default=1)
+    ap.add_argument("--reduction-factor", type=float, default=4)
     ap.add_argument("--tpe-startup-trials", type=int, default=10)
     ap.add_argument("--space", default=str(SPACE))
     ap.add_argument("--plot", default=str(HERE / "results" / "search_efficiency.png"), help="PNG path ('' for none)")
@@ -235,7 +245,7 @@ def main() -> None:
                                    "std": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0,
                                    "runs": vals},
             "epochs_to_random_final_best": reach,
-            "epochs_to_random_final_best_median": statistics.median(got) if len(got) == len(reach) and got else None,
+            "epochs_to_random_final_best_median": median_reach(reach),
             "reached": f"{len(got)}/{len(reach)}",
             "trials": [r["trials"] for r in rs], "epochs_total": [r["epochs_total"] for r in rs],
             "seconds": [r["seconds"] for r in rs],

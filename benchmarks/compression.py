@@ -31,16 +31,18 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--finetune-epochs", type=int, default=2, help="KD fine-tune after pruning")
     ap.add_argument("--cache-dir", help="kdray cache folder (default: a new temporary one)")
     args = ap.parse_args()
     os.environ["KDRAY_CACHE_DIR"] = args.cache_dir or tempfile.mkdtemp(prefix="kdray-compress-")
-    out: dict = {"sparsity": args.sparsity, "seeds": args.seeds, "epochs": args.epochs}
+    out: dict = {"sparsity": args.sparsity, "seeds": args.seeds, "epochs": args.epochs,
+                 "finetune_epochs": args.finetune_epochs}
     for key, student in STUDENTS.items():
         rows: dict[str, list[dict]] = {}
         for seed in args.seeds:
             cfg = load_config(ROOT / "configs/mnist1d_kd.yaml", {
                 "seed": seed, "train.progress": False, "train.epochs": args.epochs, "student": student,
-                "export": {"sparsity": args.sparsity, "finetune_epochs": 2, "quantize": True}})
+                "export": {"sparsity": args.sparsity, "finetune_epochs": args.finetune_epochs, "quantize": True}})
             summary = run(cfg, prepare(cfg))
             for variant, m in summary.export.items():
                 rows.setdefault(variant, []).append(m)

@@ -311,7 +311,9 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
         if metrics["epoch"] == cfg.train.epochs and rank == 0:  # the student as shipped: int8, pruned or float
             from kdray.compress import gzip_bytes
 
-            metrics["student_gzip_bytes"] = float(gzip_bytes(built.int8 or built.distiller.student))
+            shipped = export.get("int8") or export.get("pruned")  # already measured by compress_last
+            metrics["student_gzip_bytes"] = float(shipped["gzip_bytes"] if shipped else
+                                                  gzip_bytes(built.distiller.student))
         if "teacher_test_acc" in teacher_info and metrics["epoch"] == cfg.train.epochs:
             metrics["teacher_test_acc"] = teacher_info["teacher_test_acc"]
         if cfg.export.measure_latency and metrics["epoch"] == cfg.train.epochs:

@@ -28,7 +28,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import pandas as pd
 import yaml
@@ -157,6 +157,15 @@ def _params(d: dict[str, Any]) -> list:
 
     return [Param(_KEY_OK.sub("_", k)[:250], (v if isinstance(v, str) else json.dumps(v, default=str))[:6000])
             for k, v in d.items()]
+
+
+def _metrics(values: dict[str, Any], step: int, skip: Iterable[str] = ()) -> list:
+    """MLflow metrics of the finite numbers among ``values`` (not bools, not the keys in ``skip``), at ``step``."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(_KEY_OK.sub("_", k), float(v), now, step) for k, v in values.items()
+            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
 
 
 def _chunks(xs: list, n: int) -> Iterator[list]:
@@ -489,17 +498,11 @@ class SearchTracker:
             return None
 
     def trial_result(self, trial_id: str, result: dict) -> None:
-        from mlflow.entities import Metric
-
         run_id = self.children.get(trial_id) or self.trial_started(trial_id, result.get("config") or {})
         epoch = int(result.get("epoch", result.get("training_iteration", 0)) or 0)
         if epoch and epoch <= self.logged_epoch.get(trial_id, 0):
             return  # already logged (a trial restored from an earlier checkpoint)
-        now = int(time.time() * 1000)
-        metrics = [Metric(_KEY_OK.sub("_", k), float(v), now, epoch) for k, v in result.items()
-                   if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and math.isfinite(v)]
-        for chunk in _chunks(metrics, 1000):
+        for chunk in _chunks(_metrics(result, epoch, skip=NOT_METRICS), 1000):
             self.client.log_batch(run_id, metrics=chunk)
         self.logged_epoch[trial_id] = epoch
 

@@ -11,27 +11,17 @@ run ids only; the URI is checked before any training (:func:`kdray.tracking.conn
 from __future__ import annotations
 
 import contextlib
-import math
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from kdray import __version__
 from kdray.config import ExperimentConfig
 from kdray.run import RunSummary, born_again, run
-from kdray.tracking import (ERROR_TAG, PARENT_TAG, ROLE_TAG, STATUS_TAG, _chunks, _first_line, _params, connect,
-                            flatten, git_commit, resolve_tracking_uri)
+from kdray.tracking import (ERROR_TAG, PARENT_TAG, ROLE_TAG, STATUS_TAG, _chunks, _first_line, _metrics, _params,
+                            connect, flatten, git_commit, resolve_tracking_uri)
 
 GENERATION_TAG = "kdray.generation"
-
-
-def _metrics(values: dict[str, Any], step: int) -> list:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, step) for k, v in values.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
 
 
 class TrainTracker:
@@ -95,12 +85,10 @@ class TrainTracker:
         with self._open(f"{cfg.name} (born-again x{generations})", tags, params) as parent:
             summaries = born_again(cfg, generations, output_dir,
                                    run_fn=lambda c, out, g: self.train(c, out, parent_id=parent, generation=g))
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
             accs = [s.test_acc for s in summaries]
             best = max(range(len(accs)), key=accs.__getitem__)
-            self.client.log_batch(parent, metrics=[Metric("generation_test_acc", a, now, g) for g, a in enumerate(accs)]
+            self.client.log_batch(parent, metrics=[m for g, a in enumerate(accs)
+                                                   for m in _metrics({"generation_test_acc": a}, g)]
                                   + _metrics({"best_generation": best, "best_test_acc": accs[best]}, 0))
             with tempfile.TemporaryDirectory() as d:
                 from kdray.plots import generations_plot

@@ -166,6 +166,7 @@ def test_pruned_and_int8_students_are_measured_and_saved(tiny_raw, tmp_path):
     assert ex["int8"]["size_bytes"] < 0.5 * ex["float"]["size_bytes"]  # int8 Linear weights
     assert abs(ex["int8"]["test_acc"] - ex["pruned"]["test_acc"]) <= 0.03
     assert all(m["latency_ms"] > 0 for m in ex.values())
+    assert s.history[-1]["student_gzip_bytes"] == ex["int8"]["gzip_bytes"] < ex["float"]["gzip_bytes"]  # as shipped
     # the int8 file is weights-only and rebuilds into the same quantized student
     student = load_model(tmp_path / "student.pt")
     q = quantize_int8(build_model(cfg.student, 10))

@@ -212,7 +212,7 @@ def main() -> None:
                     init_ray(None, num_cpus=2)  # one local Ray for every search (run_search reuses it)
                     table = run_search(args.space, SearchOptions(
                         storage_path=str(folder), overrides=overrides, num_cpus=2, progress=False,
-                        baseline=False, tracking=False)).table
+                        baseline=False, tracking=False, overwrite=True)).table
                     wall = time.perf_counter() - t0
                 events = epoch_events(table)
                 c = curve(events)

@@ -16,6 +16,7 @@ from typing import Callable
 
 from kdray import __version__
 from kdray.errors import ConfigError, KdrayError
+from kdray.paths import check_cache_dir, check_free_output_dir, check_writable_dir
 
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
 
@@ -37,6 +38,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     _common_config_args(p)
     p.add_argument("--output-dir", help="where to save the student and metrics (default: <output_dir>/<name>)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output folder "
+                                                            "(default: refuse a folder that is not empty)")
     p.add_argument("--generations", type=int, default=0, metavar="N",
                    help="born-again: N more generations, each taught (logit KD) by the previous one's student")
     p.add_argument("--track", action="store_true",
@@ -51,10 +54,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from kdray.report import summary_table
     from kdray.run import run
 
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.output_dir) if args.output_dir else Path(cfg.output_dir) / cfg.name
     if args.generations < 0:
         raise ConfigError("--generations", args.generations, "0 or more")
+    cfg = load_config(args.config, args.overrides)
+    out = check_free_output_dir(args.output_dir if args.output_dir else Path(cfg.output_dir) / cfg.name,
+                                "--output-dir" if args.output_dir else "output_dir", args.overwrite)
+    check_cache_dir(cfg.cache_dir)
     tracker = None
     if args.track:
         from kdray.train_tracking import TrainTracker
@@ -169,7 +174,8 @@ def configs_of(path: str, cache_dir: str | None) -> list:
     raw = read_yaml(path)
     if isinstance(raw, dict) and "base" in raw:
         space, base_raw, base_dir = load_space(path)
-        return check_space(space, base_raw, base_dir) + choice_combinations(space, base_raw, base_dir)
+        return (check_space(space, base_raw, base_dir, trial_gpus=space.search.gpus_per_worker)
+                + choice_combinations(space, base_raw, base_dir))
     return [load_config(path)]
 
 
@@ -194,6 +200,8 @@ def add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="sampler seed")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier search of the same name "
+                                                            "(default: refuse)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-baseline", action="store_true", help="skip the hard-label student trained for comparison")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
@@ -221,6 +229,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         raise ConfigError("--register-top", args.register_top, "0 (register nothing) or more")
     opts = SearchOptions(address=args.address, storage_path=args.storage_path, resume=args.resume,
+                         overwrite=args.overwrite,
                          overrides={k: getattr(args, k) for k in SEARCH_SETTINGS}, num_cpus=args.num_cpus,
                          progress=not args.no_progress, baseline=not args.no_baseline,
                          tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment,
@@ -347,7 +356,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.metric not in df.columns:
         raise ConfigError("--metric", args.metric, "a column of the results: " + ", ".join(df.columns))
     folder = results_path(args.experiment, args.storage_path).parent
-    out = write_report(df, folder.name, args.output or folder / "report.html", args.metric, args.mode)
+    out = Path(args.output or folder / "report.html")
+    if out.is_dir():
+        raise ConfigError("--output", str(out), "a file path such as report.html (this is a folder)")
+    check_writable_dir(out.parent, "--output")
+    out = write_report(df, folder.name, out, args.metric, args.mode)
     print(f"wrote {out}")
     return 0
 

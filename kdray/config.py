@@ -21,6 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kdray.errors import ConfigError
 
 
+def check_run_name(name: str) -> str:
+    """A run or search name becomes a folder name and an MLflow name: not empty, no path separators."""
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0") or len(name) > 200:
+        raise ValueError("a non-empty name of at most 200 characters without '/', '\\' or NUL (it names a folder)")
+    return name
+
+
 class Strict(BaseModel):
     """Base for config sections: unknown keys are errors, values are type-checked strictly."""
 
@@ -148,6 +155,8 @@ class ExperimentConfig(Strict):
     cache_dir: Optional[str] = None  # default: the user cache directory (see kdray.paths)
     teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+
+    _name = field_validator("name")(classmethod(lambda cls, v: check_run_name(v)))
 
     def fingerprint(self) -> str:
         return stable_hash(self.model_dump(mode="json"))

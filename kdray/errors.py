@@ -32,3 +32,9 @@ class DivergedError(KdrayError):
 
     def __reduce__(self):
         return (type(self), (self.epoch, self.term, self.value))
+
+
+def first_line(e: BaseException, n: int = 300) -> str:
+    """The first line of an exception's message (its type's name when it has none), at most ``n`` characters."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:n]

@@ -1,8 +1,13 @@
-"""Where kdray keeps things on disk: the cache folder (teachers, generated data, teacher outputs)."""
+"""Where kdray keeps things on disk: the cache folder (teachers, generated data, teacher outputs), and the
+checks that a folder the user names can be written before any work starts."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+from typing import Optional
+
+from kdray.errors import ConfigError
 
 
 def cache_dir(override: str | None = None) -> Path:
@@ -13,7 +18,11 @@ def cache_dir(override: str | None = None) -> Path:
         root = Path(os.environ["KDRAY_CACHE_DIR"])
     else:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdray"
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        field = "cache_dir" if override else "KDRAY_CACHE_DIR" if os.environ.get("KDRAY_CACHE_DIR") else "XDG_CACHE_HOME"
+        raise ConfigError(field, str(root), f"a folder kdray can create and write to ({e.strerror})") from None
     return root
 
 
@@ -23,3 +32,40 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def check_writable_dir(path: str | Path, field: str) -> Path:
+    """A folder kdray can create and write in. Creates nothing: probes the folder, or its nearest existing
+    parent, with a temporary file that is removed at once."""
+    p = Path(path).expanduser()
+    if str(path).strip() == "":
+        raise ConfigError(field, str(path), "a folder path (it is empty)")
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(field, str(path), f"a folder path ({existing} is a file, not a folder)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".kdray-write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(field, str(path), f"a folder kdray can write to ({existing}: {e.strerror})") from None
+    return p
+
+
+def check_free_output_dir(path: str | Path, field: str, overwrite: bool = False) -> Path:
+    """A writable output folder that does not already hold a run (unless ``overwrite``)."""
+    p = check_writable_dir(path, field)
+    if p.exists() and any(p.iterdir()) and not overwrite:
+        raise ConfigError(field, str(path), "an empty or new folder (this one holds an earlier run: choose another "
+                                            "--output-dir or name, or pass --overwrite to replace it)")
+    return p
+
+
+def check_cache_dir(override: Optional[str]) -> None:
+    """The kdray cache folder (``cache_dir``, else ``$KDRAY_CACHE_DIR``, else the user cache) is writable."""
+    if override:
+        check_writable_dir(override, "cache_dir")
+    elif os.environ.get("KDRAY_CACHE_DIR"):
+        check_writable_dir(os.environ["KDRAY_CACHE_DIR"], "KDRAY_CACHE_DIR")

@@ -23,10 +23,11 @@ from torch import nn
 from kdray.cache import CacheRequest, TeacherCache, get_cache
 from kdray.config import ExperimentConfig
 from kdray.data import DataBundle, make_bundle
-from kdray.errors import ConfigError
+from kdray.errors import ConfigError, KdrayError
 from kdray.hooks import check_paths, output_shapes
 from kdray.methods import LOGITS
 from kdray.models import build_model, count_parameters
+from kdray.preflight import check_bundle, check_device, check_forward
 from kdray.probes import ProbeReport
 from kdray.progress import epoch_bar
 from kdray.teacher import (LiveTeacher, PrecomputedTeacher, TeacherEnsemble, ensemble_architecture, ensemble_mix,
@@ -80,7 +81,7 @@ def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_cla
     Needs only the architectures (weights do not matter), so a search checks its whole space with it
     before any teacher is trained.
     """
-    student = build_model(cfg.student, num_classes).to(example.device)
+    student = build_model(cfg.student, num_classes, "student").to(example.device)
     distiller = Distiller(student, cfg.distill)
     teacher_classes = None
     if teacher is not None:
@@ -107,14 +108,51 @@ def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_cla
     return distiller.to(example.device)
 
 
-def check_layers(cfg: ExperimentConfig) -> None:
-    """Every layer path and shape of ``cfg`` on one batch of real inputs, with freshly built models (weights do
-    not matter): a bad layer stops a run before the teacher is trained."""
-    b = make_bundle(cfg.data, cfg.cache_dir)
+def check_experiment(cfg: ExperimentConfig) -> None:
+    """Everything about ``cfg`` that only the real data and models show (devices, data splits, model inputs and
+    classes, every layer path and shape), on freshly built models (weights do not matter): a bad value stops a
+    run before a teacher is trained or loaded."""
+    check_devices(cfg)
+    b = check_data(cfg)
     example = b.x_train[: min(8, len(b.x_train))]
     teacher = ensemble_architecture(cfg, b.num_classes) if cfg.teacher is not None else None
+    check_models(cfg, teacher, b, example)
+
+
+def check_devices(cfg: ExperimentConfig, student: bool = True) -> None:
+    """The student's device (unless a search gives its trials GPUs this machine may lack) and every teacher
+    recipe's device (teachers are trained here)."""
+    if student:
+        check_device(cfg.train.device, "train.device")
+    for field, t in teacher_sections(cfg):
+        if t.recipe is not None:
+            check_device(t.recipe.train.device, f"{field}.recipe.train.device")
+
+
+def check_data(cfg: ExperimentConfig) -> DataBundle:
+    """The experiment's data bundle, and every teacher recipe's, checked for examples, labels and classes."""
+    b = make_bundle(cfg.data, cfg.cache_dir)
+    check_bundle(b, "data", needs_labels=True)
+    for field, t in teacher_sections(cfg):
+        if t.recipe is not None and t.recipe.data is not None:
+            check_bundle(make_bundle(t.recipe.data, cfg.cache_dir), f"{field}.recipe.data", needs_labels=True)
+    return b
+
+
+def check_models(cfg: ExperimentConfig, teacher: Optional[nn.Module], b: DataBundle, example: torch.Tensor) -> None:
+    """Student and teacher run on the data's inputs, the student has the data's classes, and every term's layers
+    exist and fit the method (:func:`build_distiller`)."""
+    check_forward(build_model(cfg.student, b.num_classes, "student"), example, "student", b.num_classes, b.name)
+    if teacher is not None:
+        check_forward(teacher, example, "teacher.model", data_name=b.name)
     with torch.no_grad():
         build_distiller(cfg, teacher, b.num_classes, example, b.name).close()
+
+
+def teacher_sections(cfg: ExperimentConfig) -> list[tuple[str, Any]]:
+    """(config field, section) of the main teacher and every extra teacher."""
+    main = [("teacher", cfg.teacher)] if cfg.teacher is not None else []
+    return main + [(f"extra_teachers[{i}]", t) for i, t in enumerate(cfg.extra_teachers)]
 
 
 def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
@@ -274,7 +312,7 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     if prep is None:
-        check_layers(cfg)  # on the architectures, before a teacher is trained or loaded
+        check_experiment(cfg)  # on the architectures, before a teacher is trained or loaded
         prep = prepare(cfg)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)  # the same student init whether or not the teacher was trained just now
@@ -415,7 +453,21 @@ def save_run(out: Path, cfg: ExperimentConfig, student: nn.Module, bundle: DataB
              int8: Optional[nn.Module] = None) -> Path:
     """student.pt (weights-only kdray model file), config.yaml, metrics.csv and summary.json; with an int8
     variant also student_int8.pt (its state dict: rebuild the student, ``kdray.compress.quantize_int8`` it,
-    then ``load_state_dict``)."""
+    then ``load_state_dict``). A trained student is never lost to a folder that turned bad during training
+    (removed, made read-only, disk full): it is then saved to a new temporary folder, and the error says where."""
+    try:
+        return write_run(out, cfg, student, bundle, summary, int8)
+    except OSError as e:
+        import tempfile
+
+        rescue = Path(tempfile.mkdtemp(prefix=f"kdray-{cfg.name}-"))
+        write_run(rescue, cfg, student, bundle, summary, int8)
+        raise KdrayError(f"could not save the run to {out} ({e.strerror or e}); the student and its files are "
+                         f"saved in {rescue} instead") from None
+
+
+def write_run(out: Path, cfg: ExperimentConfig, student: nn.Module, bundle: DataBundle, summary: RunSummary,
+              int8: Optional[nn.Module] = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_model(out / "student.pt", student.cpu(), cfg.student, bundle.num_classes,
                {"test_acc": summary.test_acc, "experiment": cfg.name, "input_shape": list(bundle.x_train.shape[1:])})

@@ -26,7 +26,8 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from kdray.config import parse_config
-from kdray.errors import ConfigError, KdrayError
+from kdray.errors import ConfigError, KdrayError, first_line
+from kdray.paths import check_cache_dir, check_writable_dir
 from kdray.space import (DefineByRun, SearchSettings, SearchSpace, check_space, choice_combinations, dimensions,
                          initial_points, load_space, trial_raw)
 
@@ -42,6 +43,7 @@ class SearchOptions:
     address: Optional[str] = None  # None: a local Ray; "auto"; "ray://host:10001"; "host:port"
     storage_path: Optional[str] = None  # local folder, s3://, gs://, or an NFS path
     resume: bool = False
+    overwrite: bool = False  # replace an earlier search of the same name (default: refuse)
     overrides: dict[str, Any] = field(default_factory=dict)  # SearchSettings fields
     num_cpus: Optional[int] = None  # for a local Ray
     progress: bool = True
@@ -76,13 +78,14 @@ def default_storage() -> str:
 
 def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
     """Connect to a cluster (``address``, else ``$RAY_ADDRESS``), or start a local Ray bound to 127.0.0.1
-    with token auth."""
+    with token auth. An address where no Ray answers is refused within seconds (``--address``)."""
     import ray
 
     if ray.is_initialized():
         return
+    field = "--address"
     if address is None and os.environ.get("RAY_ADDRESS"):  # e.g. inside `ray job submit`, or a sourced env.sh
-        address = os.environ["RAY_ADDRESS"]
+        address, field = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
         log.info("Ray: connecting to RAY_ADDRESS=%s", address)
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "runtime_env": {"env_vars": {"KDRAY_CACHE_DIR": os.environ.get("KDRAY_CACHE_DIR", "")}}}
@@ -93,13 +96,58 @@ def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
         if os.environ.get("RAY_AUTH_MODE") != "token":
             log.warning("local Ray started without token authentication (RAY_AUTH_MODE=%s)",
                         os.environ.get("RAY_AUTH_MODE"))
-    else:
-        # Ray replaces a node address of 127.0.0.1 by this machine's outward IP, so a cluster kept on
-        # loopback runs its nodes on another 127.x.y.z address; the driver then has to say it is there too.
-        host = address.split("://")[-1].rsplit(":", 1)[0]
-        if host.startswith("127.") and host != "127.0.0.1":
-            kwargs["_node_ip_address"] = host
+        return
+    # Ray replaces a node address of 127.0.0.1 by this machine's outward IP, so a cluster kept on
+    # loopback runs its nodes on another 127.x.y.z address; the driver then has to say it is there too.
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    if host.startswith("127.") and host != "127.0.0.1":
+        kwargs["_node_ip_address"] = host
+    check_ray_answers(address, field)
+    try:
         ray.init(address=address, **kwargs)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+        ray.shutdown()
+        raise ConfigError(field, address, f"the address of a running Ray cluster ({first_line(e)}); omit "
+                                          "--address for a local Ray") from None
+
+
+def check_ray_answers(address: str, field: str, timeout_s: float = 5.0) -> None:
+    """Refuse a ``host:port`` or ``ray://host:port`` address where nothing accepts a connection (ray.init
+    would wait minutes there). ``auto`` is left to Ray, which answers at once."""
+    import socket
+
+    target = address.split("://", 1)[-1]
+    if address == "auto" or ":" not in target:
+        return
+    host, port = target.rsplit(":", 1)
+    if not port.isdigit():
+        raise ConfigError(field, address, "auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(field, address, f"the address of a running Ray cluster (nothing answers at {host}:{port}: "
+                                          f"{e.strerror or e}); start one with `ray start --head`, or omit --address "
+                                          "for a local Ray") from None
+
+
+def check_cluster_fits(s: SearchSettings, field_cpus: str = "--cpus-per-worker") -> None:
+    """Refuse trial resources that no node of the cluster has (Tune would wait for them forever). An
+    autoscaling cluster whose nodes are not up yet: set KDRAY_WAIT_FOR_RESOURCES=1."""
+    import ray
+
+    if os.environ.get("KDRAY_WAIT_FOR_RESOURCES") == "1":
+        return
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    cpus = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
+    gpus = max((r.get("GPU", 0.0) for r in nodes), default=0.0)
+    if s.cpus_per_worker > cpus:
+        raise ConfigError(field_cpus, s.cpus_per_worker, f"at most {cpus:g} CPUs per worker (the largest node of this "
+                                                         "Ray cluster; KDRAY_WAIT_FOR_RESOURCES=1 waits for an "
+                                                         "autoscaler)")
+    if s.gpus_per_worker > gpus:
+        raise ConfigError("--gpus-per-worker", s.gpus_per_worker, f"at most {gpus:g} GPUs per worker (the largest node "
+                                                                  "of this Ray cluster; KDRAY_WAIT_FOR_RESOURCES=1 "
+                                                                  "waits for an autoscaler)")
 
 
 class PruningAwareOptunaSearch(OptunaSearch):
@@ -330,8 +378,19 @@ def _scalar(v: Any) -> Any:
 
 
 def read_results(experiment: str, storage_path: Optional[str] = None) -> pd.DataFrame:
-    """The results table of a finished search, by experiment folder or by name under the storage path."""
-    return pd.read_parquet(results_path(experiment, storage_path))
+    """The results table of a finished search, by experiment folder or by name under the storage path; a file
+    that is not such a table is refused naming it."""
+    path = results_path(experiment, storage_path)
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise ConfigError("EXPERIMENT", str(path), f"a readable {RESULTS_FILE} written by kdray search (reading it "
+                                                   f"failed: {first_line(e)})") from None
+    missing = [c for c in ("trial_id", "status") if c not in df.columns]
+    if missing:
+        raise ConfigError("EXPERIMENT", str(path), f"a {RESULTS_FILE} written by kdray search (it lacks the columns "
+                                                   f"{', '.join(missing)})")
+    return df
 
 
 def results_path(experiment: str, storage_path: Optional[str] = None) -> Path:
@@ -377,15 +436,16 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
     t0 = time.perf_counter()
     space, base_raw, base_dir = load_space(space_path)
     s = settings_with(space, opts.overrides)
-    corners = check_space(space, base_raw, base_dir)  # every value and layer, before any trial or teacher
-    first = corners[0]
-    max_epochs = s.max_epochs or first.train.epochs
-    storage = opts.storage_path or default_storage()
-    if "://" not in storage:  # Tune takes a local folder only as an absolute path
-        storage = str(Path(storage).expanduser().resolve())
+    if opts.num_cpus is not None and opts.num_cpus < 1:
+        raise ConfigError("--num-cpus", opts.num_cpus, "1 or more (CPUs of the local Ray)")
+    storage = checked_storage(opts.storage_path or default_storage())
     exp_path = _join(storage, space.name)
-    if opts.resume and not _exists(exp_path):
-        raise ConfigError("--resume", exp_path, "the folder of an earlier search with the same name and storage")
+    replace_earlier = check_experiment_folder(exp_path, opts)
+    # every value, layer, device and data split, before any trial or teacher
+    corners = check_space(space, base_raw, base_dir, trial_gpus=s.gpus_per_worker)
+    first = corners[0]
+    check_cache_dir(first.cache_dir)
+    max_epochs = s.max_epochs or first.train.epochs
     tracker = None
     if opts.tracking:  # the tracking URI must answer before any trial (or teacher training) starts
         from kdray.tracking import SearchTracker, connect, resolve_tracking_uri
@@ -400,6 +460,14 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
     from kdray.run import prepare
 
     init_ray(opts.address, opts.num_cpus)
+    try:
+        check_cluster_fits(s)
+    except ConfigError:
+        ray.shutdown()
+        raise
+    if replace_earlier:
+        _remove(exp_path)
+        log.info("--overwrite: removed the earlier search at %s", exp_path)
     prep = prepare(first)
     prep.cache = search_cache(corners + choice_combinations(space, base_raw, base_dir), prep)
     log.info("teacher%s and data prepared once (%s); sharing them through the object store",
@@ -536,6 +604,46 @@ def search_cache(corners: list, prep: Any) -> Any:
     for r in cache.manifest.get("probes", []):
         log.info("probe on %s (%s pooling): val acc %.3f", r["layer"], r["pooling"], r["val_acc"])
     return cache
+
+
+def checked_storage(storage: str) -> str:
+    """The results storage as Tune takes it (a local folder as an absolute path), checked before any work: a
+    local folder kdray can write to, or a URI of a file system pyarrow knows."""
+    if "://" not in storage:
+        return str(check_writable_dir(storage, "--storage-path").resolve())
+    scheme = storage.split("://", 1)[0]
+    if scheme not in ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file"):
+        raise ConfigError("--storage-path", storage, "a local folder, or a URI of s3://, gs://, hdfs://, abfs:// "
+                                                     "or file://")
+    return storage
+
+
+def check_experiment_folder(exp_path: str, opts: SearchOptions) -> bool:
+    """``--resume`` needs the folder of an earlier search; without it, an earlier search's folder is refused
+    (it would be overwritten) unless ``--overwrite`` says to replace it. True: remove it once every check
+    has passed."""
+    exists = _exists(exp_path)
+    if opts.resume and not exists:
+        raise ConfigError("--resume", exp_path, "the folder of an earlier search with the same name and storage")
+    if exists and not opts.resume:
+        if not opts.overwrite:
+            raise ConfigError("name", exp_path, "a search name not used yet under this --storage-path (this folder "
+                                                "holds an earlier search: --resume continues it, --overwrite replaces "
+                                                "it, or choose another name or --storage-path)")
+        return True
+    return False
+
+
+def _remove(path: str) -> None:
+    if "://" not in path:
+        import shutil
+
+        shutil.rmtree(path)
+        return
+    import pyarrow.fs as pafs
+
+    fs, p = pafs.FileSystem.from_uri(path)
+    fs.delete_dir(p)
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:

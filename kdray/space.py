@@ -21,9 +21,10 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from kdray.config import (ExperimentConfig, Strict, config_error_from, parse_config, read_yaml, set_dotted)
+from kdray.config import (ExperimentConfig, Strict, check_run_name, config_error_from, parse_config, read_yaml,
+                          set_dotted)
 from kdray.errors import ConfigError
 
 DIM_KEYS = {"choice", "float", "int", "log", "step"}
@@ -125,6 +126,16 @@ class SearchSpace(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     search: SearchSettings = Field(default_factory=SearchSettings)
     registered_model: Optional[str] = None  # MLflow registered model name (default "<name>-student")
+
+    _name = field_validator("name")(classmethod(lambda cls, v: check_run_name(v)))
+
+    @model_validator(mode="after")
+    def _model_name(self) -> "SearchSpace":
+        name = self.registered_model if self.registered_model is not None else f"{self.name}-student"
+        if not name.strip() or name.strip() in (".", "..") or any(c in name for c in "/:"):
+            field = "registered_model" if self.registered_model is not None else "name"
+            raise ConfigError(field, name, "an MLflow registered model name: not empty, without '/' or ':'")
+        return self
 
     @property
     def metrics(self) -> list[str]:
@@ -337,16 +348,15 @@ def choice_combinations(space: SearchSpace, base_raw: dict, base_dir: Path, limi
     return out
 
 
-def check_space(space: SearchSpace, base_raw: dict, base_dir: Path) -> list[ExperimentConfig]:
-    """Validate every corner of the space (config rules, then layers on one batch of real inputs).
+def check_space(space: SearchSpace, base_raw: dict, base_dir: Path, trial_gpus: float = 0) -> list[ExperimentConfig]:
+    """Validate every corner of the space (config rules; then devices, data, models and layers on one batch of
+    real inputs, as :func:`kdray.run.check_experiment` does for one run). ``trial_gpus`` > 0: trials run where
+    GPUs are, so their ``train.device`` is not checked against this machine.
 
     Returns the parsed configs of the corners, the first corner first. Raises ConfigError naming the space
     field.
     """
-    import torch
-
-    from kdray.data import make_bundle
-    from kdray.run import build_distiller
+    from kdray.run import check_data, check_devices, check_models
     from kdray.teacher import ensemble_architecture
 
     checked: list[ExperimentConfig] = []
@@ -357,7 +367,11 @@ def check_space(space: SearchSpace, base_raw: dict, base_dir: Path) -> list[Expe
             raise ConfigError(f"{field} -> {e.field}", e.value, e.allowed) from None
         checked.append(cfg)
     first = checked[0]
-    bundle = make_bundle(first.data, first.cache_dir)
+    if trial_gpus == 0 and first.train.device.startswith("cuda"):
+        raise ConfigError("train.device", first.train.device, "auto or cpu: the trials get no GPU "
+                                                              "(--gpus-per-worker 0)")
+    check_devices(first, student=False)
+    bundle = check_data(first)
     example = bundle.x_train[: min(8, len(bundle.x_train))]
     teacher = ensemble_architecture(first, bundle.num_classes) if first.teacher else None
     loaded = _checkpoint_teacher(first, bundle.num_classes)
@@ -369,8 +383,7 @@ def check_space(space: SearchSpace, base_raw: dict, base_dir: Path) -> list[Expe
             continue
         seen.add(key)
         try:
-            with torch.no_grad():
-                build_distiller(cfg, teacher, bundle.num_classes, example, bundle.name).close()
+            check_models(cfg, teacher, bundle, example)
         except ConfigError as e:
             raise ConfigError(f"{e.field} (trial values {_describe(cfg)})", e.value, e.allowed) from None
     return checked

@@ -18,7 +18,7 @@ from torch import nn
 
 from kdray import __version__
 from kdray.config import DataConfig, DistillConfig, ExperimentConfig, ModelSpec, stable_hash
-from kdray.errors import ConfigError
+from kdray.errors import ConfigError, first_line
 from kdray.hooks import FeatureHooks
 from kdray.models import build_model
 from kdray.paths import atomic_write_bytes, cache_dir
@@ -54,9 +54,8 @@ def read_checkpoint(path: str | Path, field: str = "checkpoint") -> dict:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ConfigError(field, str(path), f"a weights-only checkpoint (torch.save of a state_dict or a kdray "
-                                            f"model file); loading failed: {first}") from None
+                                            f"model file); loading failed: {first_line(e, 200)}") from None
     if not isinstance(obj, dict):
         raise ConfigError(field, str(path), "a checkpoint holding a dict (state_dict or kdray model file)")
     return obj
@@ -80,7 +79,7 @@ def load_model(path: str | Path, spec: ModelSpec | None = None, num_classes: int
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ConfigError(field, str(path), f"weights matching model {spec.name!r} with {num_classes} classes: "
-                                            f"{str(e).splitlines()[0]}") from None
+                                            f"{first_line(e)}") from None
     return model
 
 
@@ -119,7 +118,7 @@ def get_teacher(cfg: ExperimentConfig, num_classes: int, *, make_bundle: Callabl
     bundle = make_bundle(data_cfg)
     seed_everything(recipe.seed)
     device = resolve_device(recipe.train.device)
-    model = build_model(cfg.teacher.model, bundle.num_classes).to(device)
+    model = build_model(cfg.teacher.model, bundle.num_classes, "teacher.model").to(device)
     distiller = Distiller(model, DistillConfig(ce_weight=1.0))
     data = Data(bundle.x_train, bundle.y_train, bundle.x_val, bundle.y_val, data_cfg.batch_size,
                 data_cfg.eval_batch_size, bundle.augment)
@@ -198,9 +197,11 @@ def ensemble_architecture(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     """The teacher's (or the ensemble's) architecture with fresh weights: enough for layer paths and shapes."""
     assert cfg.teacher is not None
     if not cfg.extra_teachers:
-        return build_model(cfg.teacher.model, num_classes)
+        return build_model(cfg.teacher.model, num_classes, "teacher.model")
+    fields = ["teacher.model", *(f"extra_teachers[{i}].model" for i in range(len(cfg.extra_teachers)))]
     teachers = [cfg.teacher, *cfg.extra_teachers]
-    return TeacherEnsemble([build_model(t.model, num_classes) for t in teachers], *ensemble_mix(cfg))
+    return TeacherEnsemble([build_model(t.model, num_classes, f) for t, f in zip(teachers, fields)],
+                           *ensemble_mix(cfg))
 
 
 def get_teachers(cfg: ExperimentConfig, num_classes: int, *, make_bundle: Callable[[DataConfig], Any]

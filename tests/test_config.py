@@ -125,7 +125,7 @@ def test_overrides_parse_values_and_index_lists(tiny_raw):
     assert tiny_raw["seed"] == 0  # the input is not modified
     with pytest.raises(ConfigError) as info:
         apply_overrides(tiny_raw, ["distill.terms.5.weight=1"])
-    assert info.value.field == "distill.terms.5"
+    assert info.value.field == "--set" and info.value.value == "distill.terms.5.weight=1"
     with pytest.raises(ConfigError):
         apply_overrides(tiny_raw, ["no-equals-sign"])
 

@@ -80,7 +80,7 @@ def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_cla
     Needs only the architectures (weights do not matter), so a search checks its whole space with it
     before any teacher is trained.
     """
-    student = build_model(cfg.student, num_classes).to(example.device)
+    student = build_model(cfg.student, num_classes, "student").to(example.device)
     distiller = Distiller(student, cfg.distill)
     teacher_classes = None
     if teacher is not None:
@@ -443,7 +443,7 @@ def list_model_layers(cfg: ExperimentConfig, which: str = "both") -> list:
     if cfg.teacher is not None and which in ("teacher", "both"):
         out += list_layers(ensemble_architecture(cfg, b.num_classes), example, "teacher")
     if which in ("student", "both"):
-        out += list_layers(build_model(cfg.student, b.num_classes), example, "student")
+        out += list_layers(build_model(cfg.student, b.num_classes, "student"), example, "student")
     return out
 
 

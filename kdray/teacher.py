@@ -119,7 +119,7 @@ def get_teacher(cfg: ExperimentConfig, num_classes: int, *, make_bundle: Callabl
     bundle = make_bundle(data_cfg)
     seed_everything(recipe.seed)
     device = resolve_device(recipe.train.device)
-    model = build_model(cfg.teacher.model, bundle.num_classes).to(device)
+    model = build_model(cfg.teacher.model, bundle.num_classes, "teacher.model").to(device)
     distiller = Distiller(model, DistillConfig(ce_weight=1.0))
     data = Data(bundle.x_train, bundle.y_train, bundle.x_val, bundle.y_val, data_cfg.batch_size,
                 data_cfg.eval_batch_size, bundle.augment)
@@ -198,9 +198,11 @@ def ensemble_architecture(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     """The teacher's (or the ensemble's) architecture with fresh weights: enough for layer paths and shapes."""
     assert cfg.teacher is not None
     if not cfg.extra_teachers:
-        return build_model(cfg.teacher.model, num_classes)
+        return build_model(cfg.teacher.model, num_classes, "teacher.model")
     teachers = [cfg.teacher, *cfg.extra_teachers]
-    return TeacherEnsemble([build_model(t.model, num_classes) for t in teachers], *ensemble_mix(cfg))
+    members = [build_model(t.model, num_classes, f"extra_teachers[{i - 1}].model" if i else "teacher.model")
+               for i, t in enumerate(teachers)]
+    return TeacherEnsemble(members, *ensemble_mix(cfg))
 
 
 def get_teachers(cfg: ExperimentConfig, num_classes: int, *, make_bundle: Callable[[DataConfig], Any]

@@ -246,6 +246,7 @@ def apply_overrides(raw: dict, overrides: list[str] | dict[str, Any]) -> dict:
 
 
 def _split_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` as (key, VALUE parsed as YAML)."""
     if "=" not in text:
         raise ConfigError("--set", text, OVERRIDE_FORM)
     key, val = text.split("=", 1)

@@ -1,7 +1,17 @@
 """The errors kdray raises on purpose; the CLI turns them into a message and an exit code."""
 from __future__ import annotations
 
+import re
 from typing import Any
+
+SHOWN_CHARS = 200  # echoed values and field names are cut to this many characters in messages
+
+
+def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` on one line, cut to ``limit`` characters with the full length said
+    (a 5 MB string in a config must not become a 5 MB error message)."""
+    text = re.sub(r"\s*[\r\n]+\s*", " ", text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class KdrayError(Exception):
@@ -17,7 +27,7 @@ class ConfigError(KdrayError):
 
     def __init__(self, field: str, value: Any, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
-        super().__init__(f"{field}: got {value!r}; allowed: {allowed}")
+        super().__init__(f"{shorten(field)}: got {shorten(repr(value))}; allowed: {shorten(allowed, 4 * SHOWN_CHARS)}")
 
     def __reduce__(self):  # picklable across Ray processes with its fields intact
         return (type(self), (self.field, self.value, self.allowed))

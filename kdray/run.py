@@ -495,7 +495,7 @@ def list_model_layers(cfg: ExperimentConfig, which: str = "both") -> list:
     if cfg.teacher is not None and which in ("teacher", "both"):
         out += list_layers(ensemble_architecture(cfg, b.num_classes), example, "teacher")
     if which in ("student", "both"):
-        out += list_layers(build_model(cfg.student, b.num_classes), example, "student")
+        out += list_layers(build_model(cfg.student, b.num_classes, "student"), example, "student")
     return out
 
 

@@ -143,6 +143,8 @@ def test_search_refuses_bad_input_before_any_work(tmp_path, cache_dir, capsys, n
 @pytest.mark.parametrize("option,value,words", [
     ("--tpe-startup-trials", "0", ["--tpe-startup-trials", "0", ">= 1"]),
     ("--reduction-factor", "1", ["--reduction-factor", "1", "> 1"]),
+    ("--reduction-factor", "inf", ["--reduction-factor", "inf", "a finite number"]),
+    ("--cpus-per-worker", "nan", ["--cpus-per-worker", "nan", "a finite number"]),
 ])
 def test_search_refuses_bad_search_options(tmp_path, cache_dir, capsys, option, value, words):
     argv = search(tmp_path, base_config(cache_dir)) + [option, value]
@@ -187,3 +189,151 @@ def test_promote_refuses_a_missing_model_version_or_alias_and_changes_nothing(tm
         refused(tmp_path, cache_dir, ["promote", *args, "--tracking-uri", uri], words, capsys)
     assert [m.name for m in c.search_registered_models()] == ["students"]
     assert not c.search_model_versions("name = 'students'") and not c.get_registered_model("students").aliases
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 13: any file content, non-finite numbers, bad --set overrides
+
+INF, NAN = float("inf"), float("nan")
+BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))  # 9**9 values expanded
+
+
+def with_file(tmp_path: Path, cache: Path, command: str) -> tuple[list[str], Path]:
+    """CLI arguments of a valid train (the file is its config) or search (the file is its space)."""
+    argv = train(tmp_path, base_config(cache)) if command == "train" else search(tmp_path, base_config(cache))
+    return argv, tmp_path / ("cfg.yaml" if command == "train" else "space.yaml")
+
+
+# (id, new content from the valid file's text, words of the message); the same for a config and a space file
+FILE_CASES = [
+    ("Latin-1 text", lambda good: good.encode() + "# café\n".encode("latin-1"), ["UTF-8 text", "0xe9", "Latin-1"]),
+    ("binary data", lambda good: b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", ["binary data", "NUL byte"]),
+    ("empty file", lambda good: b"", ["the file is empty"]),
+    ("only comments", lambda good: b"# to do\n", ["only comments"]),
+    ("alias bomb", lambda good: BOMB.encode(), ["50,000 values", "alias"]),
+    ("over the size limit", lambda good: good.encode() + b"#" * 1_000_000, ["at most 1,000,000 bytes"]),
+    ("not YAML", lambda good: b"name: [1, 2\n", ["valid YAML", "line 2"]),
+    ("a recursive alias", lambda good: b"name: &n [*n]\n", ["name", "contain itself"]),
+]
+# (id, command, (old, new) text replacement in the valid file, words)
+DUPLICATE_CASES = [
+    ("a second student section", "train", ("\nstudent:", "\nstudent:\n  name: mnist1d_mlp\nstudent:"),
+     ["student", "each key once", "lines"]),
+    ("a nested duplicate", "train", ("  epochs: 2\n", "  epochs: 2\n  epochs: 200\n"),
+     ["train.epochs", "each key once", "cfg.yaml"]),
+    ("a second kd under methods", "search", ("\n  kd:", "\n  kd: []\n  kd:"), ["methods.kd", "each key once", "lines"]),
+    ("a nested duplicate", "search", ("  num_trials: 6\n", "  num_trials: 6\n  num_trials: 60\n"),
+     ["search.num_trials", "space.yaml"]),
+    ("a very long bad value", "train", ("  epochs: 2\n", f"  epochs: {'x' * 5000}\n"),
+     ["train.epochs", "x...", "(5002 characters)", "int"]),
+    ("a very long bad value", "search", ("base: base.yaml\n", f"base: base.yaml\nmode: {'x' * 5000}\n"), ["mode", "(5002 characters)", "max"]),
+    ("1e309 (a string YAML-wise)", "train", ("temperature: 4.0", "temperature: 1e309"),
+     ["distill.temperature", "'1e309'", "a finite number"]),
+    ("1.0e+309 (inf YAML-wise)", "train", ("temperature: 4.0", "temperature: 1.0e+309"),
+     ["distill.temperature", "inf", "a finite number"]),
+]
+
+
+def check_short(message: str) -> None:
+    """Echoed values are cut: the message stays a few hundred characters whatever the file holds."""
+    assert len(message) < 1200, len(message)
+    value = message.split(": got ", 1)[1].split("; allowed: ", 1)[0]
+    assert len(value) <= 300, value
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+@pytest.mark.parametrize("make,words", [c[1:] for c in FILE_CASES], ids=[c[0] for c in FILE_CASES])
+def test_any_file_content_is_refused(tmp_path, cache_dir, capsys, command, make, words):
+    import time
+
+    argv, path = with_file(tmp_path, cache_dir, command)
+    path.write_bytes(make(path.read_text()))
+    start = time.perf_counter()
+    message = refused(tmp_path, cache_dir, argv, [str(path), *words], capsys)
+    assert time.perf_counter() - start < 5, "bounded time: refused before any expansion or parsing of a huge file"
+    check_short(message)
+
+
+@pytest.mark.parametrize("name,command,change,words", DUPLICATE_CASES, ids=[f"{c[0]} ({c[1]})" for c in DUPLICATE_CASES])
+def test_duplicate_keys_long_values_and_huge_numbers_in_files_are_refused(tmp_path, cache_dir, capsys, name, command,
+                                                                          change, words):
+    argv, path = with_file(tmp_path, cache_dir, command)
+    good = path.read_text()
+    assert change[0] in good, (change[0], good)
+    path.write_text(good.replace(change[0], change[1], 1))
+    check_short(refused(tmp_path, cache_dir, argv, words, capsys))
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_a_directory_and_a_base_file_that_is_not_utf8_are_refused(tmp_path, cache_dir, capsys, command):
+    argv, path = with_file(tmp_path, cache_dir, command)
+    path.unlink()
+    path.mkdir()
+    refused(tmp_path, cache_dir, argv, [str(path), "directory"], capsys)
+    if command == "search":  # the base config a space names goes through the same checks
+        path.rmdir()
+        argv, _ = with_file(tmp_path, cache_dir, command)
+        (tmp_path / "base.yaml").write_bytes((tmp_path / "base.yaml").read_bytes() + b"# \xe9t\xe9\n")
+        refused(tmp_path, cache_dir, argv, ["base", "base.yaml", "UTF-8", "0xe9"], capsys)
+
+
+# (dotted change of the base config, words): non-finite numbers anywhere, free-form dicts included
+NON_FINITE_CASES = [
+    ({"train.optimizer": {"lr": INF}}, ["train.optimizer.lr", "inf", "a finite number"]),
+    ({"distill.temperature": NAN}, ["distill.temperature", "nan", "a finite number"]),
+    ({"distill.ce_weight": -INF}, ["distill.ce_weight", "-inf"]),
+    ({"distill.terms": [{"method": "kd", "weight": INF}]}, ["distill.terms[0].weight", "inf"]),
+    ({"distill.terms": [{"method": "kd", "temperature": NAN}]}, ["distill.terms[0].temperature", "nan"]),
+    ({"distill.terms": [{"method": "dkd", "options": {"beta": INF}}]}, ["distill.terms[0].options.beta", "inf"]),
+    ({"train.max_grad_norm": INF}, ["train.max_grad_norm", "inf"]),
+    ({"train.optimizer": {"schedule": "step", "gamma": NAN}}, ["train.optimizer.gamma", "nan"]),
+    ({"export": {"sparsity": NAN}}, ["export.sparsity", "nan"]),
+    ({"teacher_cache": {"max_feature_mb": INF}}, ["teacher_cache.max_feature_mb", "inf"]),
+    ({"student.kwargs": {"channels": 4, "scale": NAN}}, ["student.kwargs.scale", "nan"]),
+    ({"data.params": {"num_samples": 1000, "noise": -INF}}, ["data.params.noise", "-inf"]),
+    ({"teacher.weight": INF}, ["teacher.weight", "inf"]),
+]
+
+
+@pytest.mark.parametrize("changes,words", NON_FINITE_CASES, ids=[next(iter(c[0])) + " " + c[1][0] for c in NON_FINITE_CASES])
+def test_non_finite_numbers_in_a_config_are_refused(tmp_path, cache_dir, capsys, changes, words):
+    refused(tmp_path, cache_dir, train(tmp_path, base_config(cache_dir, **changes)), words, capsys)
+
+
+@pytest.mark.parametrize("space_changes,words", [
+    ({"methods": {"kd": [{"method": "kd", "temperature": {"float": [1e-3, INF]}}]}},
+     ["methods.kd[0].temperature.float[1]", "inf", "a finite number"]),
+    ({"methods": {"kd": [{"method": "kd", "weight": {"float": [NAN, 1]}}]}}, ["methods.kd[0].weight.float[0]", "nan"]),
+    ({"methods": {"kd": [{"method": "kd", "weight": {"choice": [0.5, INF]}}]}}, ["choice[1]", "inf"]),
+    ({"params": {"train.optimizer.lr": {"float": [-INF, 0.1]}}}, ["params.train.optimizer.lr.float[0]", "-inf"]),
+    ({"params": {"teacher.weight": {"choice": [INF]}}}, ["params.teacher.weight.choice[0]", "inf"]),
+], ids=["inf at the high end", "nan at the low end", "inf choice", "-inf in params", "inf ensemble weight"])
+def test_non_finite_numbers_in_a_space_are_refused(tmp_path, cache_dir, capsys, space_changes, words):
+    refused(tmp_path, cache_dir, search(tmp_path, base_config(cache_dir), **space_changes), words, capsys)
+
+
+@pytest.mark.parametrize("override,words", [
+    ("train.epochs.x=1", ["train.epochs is 2 (int)", "'x'"]),
+    ("name.first=1", ["name is 'tiny' (str)"]),
+    ("distill.terms.first.weight=1", ["a list index below 1 after distill.terms", "'first'"]),
+    (".a=1", ["non-empty parts"]),
+    ("a..b=1", ["non-empty parts"]),
+    ("=3", ["non-empty parts"]),
+    ("train.epochs=[1", ["YAML", "the value"]),
+    ("train.epochs", ["KEY=VALUE"]),
+    ("distill.temperature=.inf", ["distill.temperature", "inf", "a finite number"]),
+], ids=["into an int", "into a string", "a non-index into a list", "empty first part", "empty middle part",
+        "empty key", "value not YAML", "no =", "inf value"])
+def test_bad_set_overrides_are_refused(tmp_path, cache_dir, capsys, override, words):
+    field = [] if "=." in override else ["--set", repr(override)]
+    refused(tmp_path, cache_dir, train(tmp_path, base_config(cache_dir)) + ["--set", override], field + words, capsys)
+
+
+def test_errors_of_a_model_factory_name_the_users_field(tmp_path, cache_dir, capsys, monkeypatch):
+    """A factory that fails when built (not when checked) is reported under student.kwargs, not model.kwargs."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent / "helpers"))
+    base = base_config(cache_dir, teacher=None, **{"distill.terms": [],
+                                                    "student": {"name": "model_factories:flexible",
+                                                                "kwargs": {"out_features": "three"}}})
+    refused(tmp_path, cache_dir, train(tmp_path, base), ["student.kwargs", "'three'", "flexible"], capsys)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdray.config import apply_overrides, load_config, parse_config
+from kdray.config import MAX_YAML_VALUES, apply_overrides, load_config, parse_config, parse_yaml, read_yaml
 from kdray.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def test_overrides_parse_values_and_index_lists(tiny_raw):
     assert tiny_raw["seed"] == 0  # the input is not modified
     with pytest.raises(ConfigError) as info:
         apply_overrides(tiny_raw, ["distill.terms.5.weight=1"])
-    assert info.value.field == "distill.terms.5"
+    assert info.value.field == "--set" and info.value.value == "distill.terms.5.weight=1"
     with pytest.raises(ConfigError):
         apply_overrides(tiny_raw, ["no-equals-sign"])
 
@@ -147,3 +147,92 @@ def test_relative_checkpoint_resolves_against_config_folder(tmp_path, tiny_raw):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(tiny_raw))
     assert load_config(p).teacher.checkpoint == str(tmp_path / "t.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 13: the YAML loader and ConfigError messages
+
+
+def yaml_error(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_yaml(text, "config", "c.yaml", "c.yaml")
+    return info.value
+
+
+def test_config_error_cuts_long_values_and_pickles_with_its_fields_intact():
+    import pickle
+
+    e = ConfigError("train.epochs", "x" * 10_000, "int")
+    assert len(str(e)) < 300 and "(10002 characters)" in str(e) and str(e).startswith("train.epochs: got 'xxx")
+    again = pickle.loads(pickle.dumps(e))
+    assert (again.field, again.value, again.allowed, str(again)) == (e.field, e.value, e.allowed, str(e))
+    assert "\n" not in str(ConfigError("a", "b", "valid YAML (line one\n  line two)"))  # one line on the terminal
+
+
+@pytest.mark.parametrize("text,field,lines", [
+    ("a: 1\na: 2\n", "a", "lines 1 and 2"),
+    ("train:\n  optimizer:\n    lr: 1\n    lr: 2\n", "train.optimizer.lr", "lines 3 and 4"),
+    ("distill:\n  terms:\n  - method: kd\n    method: at\n", "distill.terms[0].method", "lines 3 and 4"),
+    ("m: {x: 1, y: 2, x: 3}\n", "m.x", "lines 1 and 1"),
+])
+def test_duplicate_keys_name_the_dotted_path_and_lines(text, field, lines):
+    e = yaml_error(text)
+    assert e.field == field and lines in e.allowed and "c.yaml" in e.allowed
+
+
+def test_merge_keys_are_not_duplicates_and_keep_yaml_semantics():
+    text = "base: &b {lr: 1, epochs: 2}\ntrain:\n  <<: *b\n  lr: 3\n"
+    assert parse_yaml(text, "config", "c.yaml", "c.yaml") == {"base": {"lr": 1, "epochs": 2},
+                                                              "train": {"lr": 3, "epochs": 2}}
+
+
+def test_alias_bomb_is_refused_in_bounded_time_and_memory():
+    import time
+    import tracemalloc
+
+    bomb = "a: &a [" + ", ".join(["lol"] * 10) + "]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefghijklmnop", "bcdefghijklmnopq"))
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        e = yaml_error(bomb)
+        seconds, peak = time.perf_counter() - start, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"{MAX_YAML_VALUES:,} values" in e.allowed and e.field == "e"  # 10**5 values at e: the first too big
+    assert seconds < 2 and peak < 20 * 2**20, (seconds, peak)
+
+
+def test_many_plain_values_and_deep_nesting_are_refused_quickly():
+    import time
+
+    start = time.perf_counter()
+    e = yaml_error("x: [" + ", ".join(["1"] * (MAX_YAML_VALUES + 10)) + "]\n")
+    assert f"{MAX_YAML_VALUES:,} values" in e.allowed and time.perf_counter() - start < 5
+    assert "nested" in yaml_error("x: " + "[" * 5000).allowed
+
+
+def test_unreadable_file_is_refused(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    p = tmp_path / "c.yaml"
+    p.write_text("a: 1\n")
+    p.chmod(0)
+    with pytest.raises(ConfigError) as info:
+        read_yaml(p)
+    assert "readable" in info.value.allowed
+
+
+def test_override_descending_into_a_scalar_names_set_and_the_text(tiny_raw):
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(tiny_raw, ["train.epochs.x=1"])
+    assert info.value.field == "--set" and info.value.value == "train.epochs.x=1"
+    assert "train.epochs is 2 (int)" in info.value.allowed
+
+
+def test_non_finite_numbers_in_free_form_dicts(tiny_raw):
+    tiny_raw["distill"]["terms"][0]["options"] = {"nested": [1.0, {"deep": float("nan")}]}
+    e = bad(tiny_raw)
+    assert e.field == "distill.terms[0].options.nested[1].deep" and "finite" in e.allowed

@@ -128,3 +128,22 @@ def test_any_file_content_gives_a_space_or_a_config_error(text):
         assert e.field and str(e).startswith(f"{e.field}: got "), str(e)
     finally:
         path.unlink()
+
+
+YAMLISH = st.text(alphabet="ab1.: &*[]{},-<\n'\"#!?|>", max_size=60)  # anchors, aliases, merges, flow, duplicates
+
+
+@SETTINGS
+@given(data=st.binary(max_size=120) | YAMLISH.map(str.encode) | st.text(max_size=40).map(
+    lambda t: t.encode("latin-1", "replace")))
+def test_any_bytes_give_a_mapping_or_a_one_line_config_error(data):
+    path = _folder / f"bytes-{next(_count)}.yaml"
+    path.write_bytes(data)
+    try:
+        raw = read_yaml(path)
+    except ConfigError as e:
+        assert e.field and str(e).startswith(f"{e.field}: got ") and "\n" not in str(e), str(e)
+    else:
+        assert isinstance(raw, dict)
+    finally:
+        path.unlink()

@@ -18,10 +18,11 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 import yaml
+from pydantic import ValidationError
 from torch import nn
 
 from kdray.cache import CacheRequest, TeacherCache, get_cache
-from kdray.config import ExperimentConfig
+from kdray.config import ExperimentConfig, config_error_from
 from kdray.data import DataBundle, make_bundle
 from kdray.errors import ConfigError, KdrayError
 from kdray.hooks import check_paths, output_shapes
@@ -489,13 +490,17 @@ def list_model_layers(cfg: ExperimentConfig, which: str = "both") -> list:
     """
     from kdray.hooks import list_layers
 
-    b = make_bundle(cfg.data, cfg.cache_dir)
+    b = check_data(cfg)
     example = b.x_train[: min(len(b.x_train), cfg.data.batch_size)]
     out = []
     if cfg.teacher is not None and which in ("teacher", "both"):
-        out += list_layers(ensemble_architecture(cfg, b.num_classes), example, "teacher")
+        teacher = ensemble_architecture(cfg, b.num_classes)
+        check_forward(teacher, example, "teacher.model", data_name=b.name)
+        out += list_layers(teacher, example, "teacher")
     if which in ("student", "both"):
-        out += list_layers(build_model(cfg.student, b.num_classes, "student"), example, "student")
+        student = build_model(cfg.student, b.num_classes, "student")
+        check_forward(student, example, "student", b.num_classes, b.name)
+        out += list_layers(student, example, "student")
     return out
 
 
@@ -506,12 +511,18 @@ def probe_layer_accuracies(cfg: ExperimentConfig, pooling: str) -> dict[str, flo
     from kdray.methods import METHODS
     from kdray.probes import ProbeSpec
 
-    prep = prepare(cfg)
-    if prep.teacher is None:
+    if cfg.teacher is None:
         raise ConfigError("teacher", None, "a teacher (probes are fitted on its layers)")
+    options = METHODS.get("probe_kd").Options
+    try:
+        opts = options(pooling=pooling)
+    except ValidationError as e:
+        raise ConfigError("--probes", pooling, config_error_from(e, root=options).allowed) from None
+    check_devices(cfg)
+    list_model_layers(cfg, "teacher")  # data and teacher checked before the teacher is trained
+    prep = prepare(cfg)
     b = prep.bundle
     example = b.x_train[: min(len(b.x_train), cfg.data.batch_size)]
-    opts = METHODS.get("probe_kd").Options(pooling=pooling)
     paths = [i.path for i in list_layers(prep.teacher, example, "teacher") if i.shape and i.shape[0] == len(example)]
     req = CacheRequest((), tuple(ProbeSpec(p, pooling, opts.l2, opts.max_iter) for p in paths), cfg.teacher_cache.dtype)
     cache = get_cache(prep.teacher, b, req, cache_root=cfg.cache_dir, info=cache_info(cfg),

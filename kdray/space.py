@@ -116,7 +116,7 @@ class Objective(Strict):
 
 
 class SearchSpace(Strict):
-    name: str = Field(min_length=1)
+    name: str
     base: str  # experiment config, relative to the space file
     metric: str = "val_acc"
     mode: Literal["max", "min"] = "max"

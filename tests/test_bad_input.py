@@ -337,3 +337,183 @@ def test_errors_of_a_model_factory_name_the_users_field(tmp_path, cache_dir, cap
                                                     "student": {"name": "model_factories:flexible",
                                                                 "kwargs": {"out_features": "three"}}})
     refused(tmp_path, cache_dir, train(tmp_path, base), ["student.kwargs", "'three'", "flexible"], capsys)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 13: values that only the real data, models and devices show; paths; the cluster; results files
+
+NO_CUDA = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+MLP_STUDENT = {"name": "mnist1d_mlp"}
+
+# (id, config changes, words the message must hold): refused by `kdray train` and by `kdray search`
+LATER_CASES = [
+    ("no training examples left after the split",
+     {"data.val_fraction": 0.99, "data.params": {"num_samples": 40}}, ["data.val_fraction", "0 training examples"]),
+    ("fewer than 2 classes after label_map", {"data.params": {"num_samples": 1000, "label_map": [0] * 10}},
+     ["data.params", "1 class", "at least 2 classes"]),
+    ("a teacher recipe's data with no training examples",
+     {"teacher.recipe.data": {"name": "mnist1d", "val_fraction": 0.99, "params": {"num_samples": 40}}},
+     ["teacher.recipe.data.val_fraction", "0 training examples"]),
+    ("a student whose classes differ from the data's",
+     {"student": {"name": "mnist1d_cnn_small", "kwargs": {"channels": 4, "num_classes": 5}}},
+     ["student.kwargs", "5 output classes", "10 classes"]),
+    ("a built-in student whose input no longer fits changed data parameters",
+     {"student": MLP_STUDENT, "data.params": {"num_samples": 1000, "final_seq_length": 20}},
+     ["student.kwargs", "inputs of shape (20,)", "in_length"]),
+    ("a teacher whose input does not fit the data",
+     {"teacher.model": {"name": "mnist1d_cnn", "kwargs": {"channels": 16, "in_length": 80}}},
+     ["teacher.model.kwargs", "inputs of shape (40,)"]),
+    ("a teacher recipe on a device that is not there", {"teacher.recipe.train": {"epochs": 1, "device": "cuda"}},
+     ["teacher.recipe.train.device", "'cuda'", "no CUDA device"]),
+]
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+@pytest.mark.parametrize("changes,words", [c[1:] for c in LATER_CASES], ids=[c[0] for c in LATER_CASES])
+def test_values_that_only_fail_later_are_refused_up_front(tmp_path, capsys, command, changes, words):
+    if "cuda" in str(changes) and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cache = tmp_path / "cache"  # its own: no teacher may be trained or cached for a refused run
+    base = base_config(cache, **changes)
+    argv = search(tmp_path, base, methods=KD) if command == "search" else train(tmp_path, base)
+    refused(tmp_path, cache, argv, words, capsys)
+    assert not (cache / "teachers").exists() or not any((cache / "teachers").iterdir())
+
+
+@NO_CUDA
+def test_a_student_device_that_is_not_there_is_refused(tmp_path, cache_dir, capsys):
+    base = base_config(cache_dir, **{"train.device": "cuda"})
+    refused(tmp_path, cache_dir, train(tmp_path, base), ["train.device", "'cuda'", "no CUDA device"], capsys)
+    refused(tmp_path, cache_dir, search(tmp_path, base, methods=KD), ["train.device", "'cuda'", "no GPU"], capsys)
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+@pytest.mark.parametrize("name", ["", "a/b", "..", "x\\y"])
+def test_run_and_search_names_that_are_not_folder_names_are_refused(tmp_path, cache_dir, capsys, command, name):
+    base = base_config(cache_dir, name=name)
+    argv = search(tmp_path, base, methods=KD, name=name) if command == "search" else train(tmp_path, base)
+    refused(tmp_path, cache_dir, argv, ["name", repr(name), "without '/'"], capsys)
+
+
+def test_an_invalid_registered_model_name_is_refused(tmp_path, cache_dir, capsys):
+    argv = search(tmp_path, base_config(cache_dir), methods=KD, registered_model="team/students")
+    refused(tmp_path, cache_dir, argv, ["registered_model", "'team/students'", "without '/' or ':'"], capsys)
+
+
+def test_unusable_folders_are_refused_before_any_work(tmp_path, cache_dir, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    base = base_config(cache_dir)
+    argv = train(tmp_path, base)
+    refused(tmp_path, cache_dir, argv[:2] + ["--output-dir", str(a_file / "run")], ["--output-dir", "is a file"], capsys)
+    refused(tmp_path, cache_dir, train(tmp_path, base_config(cache_dir, cache_dir=str(a_file / "cache"))),
+            ["cache_dir", "a-file", "is a file"], capsys)
+    argv = search(tmp_path, base)
+    storage = argv.index("--storage-path") + 1
+    for bad, words in [(str(a_file / "results"), ["--storage-path", "is a file"]),
+                       ("ftp://host/results", ["--storage-path", "'ftp://host/results'", "s3://"])]:
+        refused(tmp_path, cache_dir, argv[:storage] + [bad] + argv[storage + 1:], words, capsys)
+
+
+def test_kdray_cache_dir_from_the_environment_is_checked(tmp_path, cache_dir, capsys, monkeypatch):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    monkeypatch.setenv("KDRAY_CACHE_DIR", str(a_file / "cache"))
+    base = base_config(cache_dir)
+    base.pop("cache_dir")
+    refused(tmp_path, cache_dir, train(tmp_path, base), ["KDRAY_CACHE_DIR", "is a file"], capsys)
+
+
+def test_a_second_run_into_an_occupied_folder_is_refused_and_the_first_kept(tmp_path, cache_dir, capsys):
+    base = base_config(cache_dir)
+    argv = train(tmp_path, base)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "student.pt").write_bytes(b"the first run's student")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--output-dir" in err and "--overwrite" in err and "Traceback" not in err
+    assert (run_dir / "student.pt").read_bytes() == b"the first run's student"
+    assert main(argv + ["--overwrite", "--set", "train.epochs=1"]) == 0
+    assert (run_dir / "student.pt").read_bytes() != b"the first run's student"
+
+
+def test_a_search_over_an_earlier_search_of_the_same_name_is_refused(tmp_path, cache_dir, capsys):
+    argv = search(tmp_path, base_config(cache_dir), methods=KD)
+    earlier = tmp_path / "results" / SPACE["name"]
+    earlier.mkdir(parents=True)
+    (earlier / "results.parquet").write_bytes(b"an earlier search")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err and str(earlier) in err and "Traceback" not in err
+    assert (earlier / "results.parquet").read_bytes() == b"an earlier search"
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_a_student_is_never_lost_when_its_folder_turns_bad_after_training(tmp_path, tiny_raw):
+    from kdray.config import parse_config
+    from kdray.errors import KdrayError
+    from kdray.run import run
+
+    tiny_raw["train"]["epochs"] = 1
+    a_file = tmp_path / "a-file"
+    a_file.write_text("became a file during training")
+    with pytest.raises(KdrayError) as e:
+        run(parse_config(tiny_raw), output_dir=a_file / "run")
+    rescue = Path(str(e.value).rsplit("saved in ", 1)[1].split(" instead")[0])
+    assert (rescue / "student.pt").is_file() and (rescue / "summary.json").is_file()
+
+
+def test_a_ray_address_with_no_ray_behind_it_is_refused_within_seconds(tmp_path, cache_dir, capsys):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    argv = search(tmp_path, base_config(cache_dir), methods=KD) + ["--address", f"127.0.0.1:{port}"]
+    refused(tmp_path, cache_dir, argv, ["--address", f"127.0.0.1:{port}", "nothing answers", "omit --address"],
+            capsys)
+    assert time.monotonic() - t0 < 120  # ray.init alone waits minutes here
+
+
+@pytest.mark.parametrize("option,value,words", [
+    ("--cpus-per-worker", "100", ["--cpus-per-worker", "100", "at most 2 CPUs per worker"]),
+    ("--gpus-per-worker", "1", ["--gpus-per-worker", "1", "at most 0 GPUs per worker"]),
+    ("--num-cpus", "0", ["--num-cpus", "0", "1 or more"]),
+])
+def test_resources_no_node_can_provide_are_refused(tmp_path, cache_dir, capsys, option, value, words):
+    if option == "--gpus-per-worker" and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    argv = search(tmp_path, base_config(cache_dir), methods=KD) + ["--num-cpus", "2", option, value]
+    refused(tmp_path, cache_dir, argv, words, capsys)
+
+
+@pytest.mark.parametrize("content", [b"", b"PAR1 not really parquet", pickle.dumps({"a": 1})],
+                         ids=["empty", "damaged", "not parquet"])
+@pytest.mark.parametrize("command", ["results", "report"])
+def test_results_and_report_on_a_damaged_results_file_name_the_file(tmp_path, cache_dir, capsys, content, command):
+    folder = tmp_path / "a-search"
+    folder.mkdir()
+    (folder / "results.parquet").write_bytes(content)
+    refused(tmp_path, cache_dir, [command, str(folder)], ["EXPERIMENT", "results.parquet", "written by kdray search"],
+            capsys)
+
+
+def test_report_output_that_is_a_folder_or_under_a_file_is_refused(tmp_path, cache_dir, capsys):
+    import pandas as pd
+
+    folder = tmp_path / "a-search"
+    folder.mkdir()
+    pd.DataFrame({"trial_id": ["t1"], "status": ["finished"], "val_acc": [0.5]}).to_parquet(folder / "results.parquet")
+    (tmp_path / "a-file").write_text("x")
+    for out, words in [(folder, ["--output", "a file path", "folder"]),
+                       (tmp_path / "a-file" / "report.html", ["--output", "is a file"])]:
+        refused(tmp_path, cache_dir, ["report", str(folder), "-o", str(out)], words, capsys)
+    assert main(["report", str(folder), "-o", str(tmp_path / "new" / "r.html")]) == 0
+    assert (tmp_path / "new" / "r.html").is_file()

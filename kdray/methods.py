@@ -139,6 +139,9 @@ class Method(nn.Module):
     layers: ClassVar[Literal["none", "teacher", "pairs", "fsp", "student"]] = "none"
     needs_teacher: ClassVar[bool] = True
     uses_temperature: ClassVar[bool] = False
+    # True: the term matches the student's logits to the teacher's at ``temperature`` (kd, dkd); the
+    # online scheme's teacher step learns from the student at the temperature of such a term
+    distils_logits: ClassVar[bool] = False
 
     class Options(Strict):
         """Method-specific options (``terms[i].options``); none by default."""
@@ -213,7 +216,7 @@ class Method(nn.Module):
 class KD(Method):
     """Hinton KD: KL(softmax(t/T) || softmax(s/T)) summed over classes, batch mean, times T^2."""
 
-    name, default_weight, uses_temperature = "kd", 0.9, True
+    name, default_weight, uses_temperature, distils_logits = "kd", 0.9, True, True
 
     def forward(self, sig: Signals) -> Tensor:
         T = self.temperature
@@ -280,7 +283,7 @@ class DKD(Method):
     (``labels >= 0``) and the teacher's argmax elsewhere. (mdistiller's warm-up is not implemented.)
     """
 
-    name, default_weight, uses_temperature = "dkd", 1.0, True
+    name, default_weight, uses_temperature, distils_logits = "dkd", 1.0, True, True
 
     class Options(Strict):
         alpha: float = Field(1.0, ge=0)  # weight of TCKD

@@ -221,7 +221,7 @@ class Interrupting(nn.Module):
 def test_an_interrupted_build_leaves_no_temporary_folder_and_no_entry(prep, cache_root, error):
     teacher = Interrupting(prep.teacher, after=3, error=error)
     with pytest.raises(error):
-        get_cache(teacher, prep.bundle, REQ, cache_root=cache_root, batch_size=100)
+        get_cache(teacher, prep.bundle, CacheRequest(("teacher.relu2",)), cache_root=cache_root, batch_size=100)
     assert teacher.calls == 4  # it did stop in the middle of the build
     root = entries_root(cache_root)
     assert list(root.iterdir()) == [] and list_entries(cache_root) == []

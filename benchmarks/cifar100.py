@@ -11,7 +11,7 @@ method     term(s)                                                      CE weigh
 hard       none (the student alone)                                     1.0
 kd         KD, T=4, weight 0.9                                          0.1
 fitnet     hint ``layer2`` -> ``layer2`` (RepDistiller hint_layer 2), 100  1.0
-at         attention transfer on ``layer1``, ``layer2``, ``layer3``, 1000   1.0
+at         AT, summed over pairs ``layer1``, ``layer2``, ``layer3``, 1000   1.0
 sp         similarity preserving on ``layer3`` (feat[-2]), 3000         1.0
 rkd        RKD on the pooled embedding ``avgpool`` (feat[-1]), 1.0       1.0
 pkt        PKT on the pooled embedding ``avgpool``, 30000               1.0

@@ -8,7 +8,10 @@ poolings, probe settings and the storage dtype, so any change makes a new entry.
 
 On disk (``<cache>/teacher_outputs/<key>/``): one Parquet file per split (fixed-size-list columns, float32
 or float16) and ``manifest.json`` with the shapes, the probes' accuracies, the size per example and a
-SHA-256 per file. A file whose checksum does not match is reported and the entry rebuilt, never used.
+SHA-256 per file. A file whose checksum does not match is reported and the entry rebuilt, never used; a
+manifest that is not JSON or not of the shape written here is reported and its entry skipped (``kdray cache rm``
+still removes it). An entry is built in a temporary folder renamed into place: a failed or interrupted build
+removes it, and the folders of killed builds are swept whenever the cache is opened.
 An entry whose content covers a request (same teacher, data and dtype; a superset of layers and
 probes) serves it, so ``kdray train`` reuses what a search built.
 
@@ -21,7 +24,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -233,22 +238,23 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_entry(root: Path, key: str, teacher: nn.Module, bundle: DataBundle, request: CacheRequest,
-                info: dict, batch_size: int, device: torch.device) -> Path:
-    """Run the teacher over every split, fit the probes, write the files and the manifest atomically."""
-    t0 = time.perf_counter()
-    tmp = root / f".{key}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def _compute_arrays(teacher: nn.Module, bundle: DataBundle, request: CacheRequest, batch_size: int,
+                    device: torch.device) -> dict[str, dict[str, np.ndarray]]:
+    """Per split: example ids, labels and the teacher's outputs."""
     data = {"train": (bundle.x_train, bundle.y_train), "val": (bundle.x_val, bundle.y_val),
             "test": (bundle.x_test, bundle.y_test)}
     arrays = {}
     for split, (x, y) in data.items():
         cols = teacher_outputs(teacher, x, request, batch_size, device)
         arrays[split] = {"example_id": np.arange(len(x), dtype=np.int64), "label": y.numpy().astype(np.int64), **cols}
+    return arrays
+
+
+def _add_probe_predictions(arrays: dict, request: CacheRequest, num_classes: int) -> list[dict]:
+    """Fit the requested probes, add their predictions to ``arrays``; their manifest records."""
     probes = []
     for spec in request.probes:
-        probe, report = fit_cached_probe(arrays, spec, bundle.num_classes)
+        probe, report = fit_cached_probe(arrays, spec, num_classes)
         with torch.no_grad():
             for split in SPLITS:
                 z = torch.from_numpy(arrays[split][_pooled_column(spec.layer, spec.pooling)])
@@ -256,12 +262,27 @@ def build_entry(root: Path, key: str, teacher: nn.Module, bundle: DataBundle, re
         probes.append({**asdict(spec), "dim": report.dim, "train_acc": report.train_acc, "val_acc": report.val_acc})
         log.info("probe on %s (%s pooling): train acc %.3f, val acc %.3f", spec.layer, spec.pooling,
                  report.train_acc, report.val_acc)
+    return probes
+
+
+def _write_splits(folder: Path, arrays: dict) -> tuple[dict, dict]:
+    """One Parquet file per split in ``folder``: their manifest records and the column shapes."""
     files, shapes = {}, {}
     for split in SPLITS:
         shapes.update({k: list(v.shape[1:]) for k, v in arrays[split].items()})
-        path = tmp / f"{split}.parquet"
+        path = folder / f"{split}.parquet"
         _write_parquet(path, arrays[split])
         files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size, "rows": len(arrays[split]["label"])}
+    return files, shapes
+
+
+def _fill_entry(folder: Path, key: str, teacher: nn.Module, bundle: DataBundle, request: CacheRequest,
+                info: dict, batch_size: int, device: torch.device) -> None:
+    """Run the teacher over every split, fit the probes, write the files and the manifest into ``folder``."""
+    t0 = time.perf_counter()
+    arrays = _compute_arrays(teacher, bundle, request, batch_size, device)
+    probes = _add_probe_predictions(arrays, request, bundle.num_classes)
+    files, shapes = _write_splits(folder, arrays)
     n = sum(f["rows"] for f in files.values())
     total = sum(f["bytes"] for f in files.values())
     manifest = {"format": FORMAT, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -269,12 +290,67 @@ def build_entry(root: Path, key: str, teacher: nn.Module, bundle: DataBundle, re
                 "request": request.describe(), "shapes": shapes, "files": files, "probes": probes,
                 "examples": n, "bytes": total, "bytes_per_example": round(total / max(n, 1), 1),
                 "build_seconds": round(time.perf_counter() - t0, 2), "notes": info.get("notes", [])}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    final = root / key
-    if final.exists():
-        shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def build_entry(root: Path, key: str, teacher: nn.Module, bundle: DataBundle, request: CacheRequest,
+                info: dict, batch_size: int, device: torch.device) -> Path:
+    """Build the entry in a temporary folder and rename it into place; an interrupted or failed build
+    (Ctrl-C included) removes its temporary folder (one left by a killed process is swept later)."""
+    tmp = root / f".{key}.{_HOST}.{os.getpid()}{TMP_SUFFIX}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _fill_entry(tmp, key, teacher, bundle, request, info, batch_size, device)
+        final = root / key
+        if final.exists():
+            shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
+
+
+# --------------------------------------------------------------------------------------------------
+# temporary folders of builds that never finished
+
+TMP_SUFFIX = ".tmp"
+STALE_TMP_SECONDS = 24 * 3600  # a temporary folder this old is stale whoever made it
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host"
+_TMP_NAME = re.compile(r"^\.[^.]+\.(?:(?P<host>[^.]+)\.)?(?P<pid>\d+)\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def _is_stale(path: Path, now: float) -> bool:
+    """Left by a build on this host whose process is gone, or older than ``STALE_TMP_SECONDS``."""
+    m = _TMP_NAME.match(path.name)
+    if m and m["host"] == _HOST and not _pid_alive(int(m["pid"])):
+        return True
+    try:
+        return now - path.stat().st_mtime > STALE_TMP_SECONDS
+    except OSError:  # removed meanwhile
+        return False
+
+
+def sweep_stale_tmp(root: Path) -> list[str]:
+    """Remove the temporary folders of builds killed before they could clean up; their names."""
+    now, removed = time.time(), []
+    for p in root.glob(f".*{TMP_SUFFIX}"):
+        if p.is_dir() and _is_stale(p, now):
+            shutil.rmtree(p, ignore_errors=True)
+            log.info("teacher cache: removed %s, left by a build that did not finish", p.name)
+            removed.append(p.name)
+    return removed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,14 +361,66 @@ class CorruptEntry(Exception):
     pass
 
 
+_NUMBER = (int, float)
+_MANIFEST = {"format": str, "key": str, "created": str, "teacher": dict, "data": dict, "num_classes": int,
+             "request": dict, "shapes": dict, "files": dict, "probes": list, "examples": int, "bytes": _NUMBER,
+             "bytes_per_example": _NUMBER}
+_REQUEST = {"feature_layers": list, "probes": list, "dtype": str}
+_PROBE_SPEC = {"layer": str, "pooling": str, "l2": _NUMBER, "max_iter": int}
+_PROBE_RECORD = {**_PROBE_SPEC, "dim": int, "train_acc": _NUMBER, "val_acc": _NUMBER}
+_FILE = {"sha256": str, "bytes": int, "rows": int}
+_FILES = {f"{s}.parquet" for s in SPLITS}
+
+
+def _type_name(t) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
+    return " or ".join(names.get(x, x.__name__) for x in (t if isinstance(t, tuple) else (t,)))
+
+
+def _check_fields(obj, fields: dict, where: str) -> None:
+    """``obj`` is a dict with every field of ``fields`` of its type (booleans are not numbers)."""
+    if not isinstance(obj, dict):
+        raise CorruptEntry(f"{where} is {_type_name(type(obj))}, expected {_type_name(dict)}")
+    for name, t in fields.items():
+        if name not in obj:
+            raise CorruptEntry(f"{where} has no {name!r}")
+        if not isinstance(obj[name], t) or isinstance(obj[name], bool):
+            raise CorruptEntry(f"{where}: {name!r} is {obj[name]!r}, expected {_type_name(t)}")
+
+
+def _check_items(items: list, fields: dict, where: str) -> None:
+    for i, item in enumerate(items):
+        _check_fields(item, fields, f"{where}[{i}]")
+
+
+def check_manifest(m, folder: str) -> dict:
+    """``m`` when it has the shape this version writes (and the key of its folder), else CorruptEntry saying
+    what is wrong: every reader of a manifest can then index it without checks of its own."""
+    if isinstance(m, dict) and "format" in m and m["format"] != FORMAT:
+        raise CorruptEntry(f"format {m['format']!r}, expected {FORMAT!r}")
+    _check_fields(m, _MANIFEST, "manifest")
+    _check_fields(m["request"], _REQUEST, "manifest 'request'")
+    if not all(isinstance(x, str) for x in m["request"]["feature_layers"]):
+        raise CorruptEntry("manifest 'request': 'feature_layers' is not a list of strings")
+    _check_items(m["request"]["probes"], _PROBE_SPEC, "manifest 'request' probe")
+    _check_items(m["probes"], _PROBE_RECORD, "manifest probe")
+    if set(m["files"]) != _FILES:
+        raise CorruptEntry(f"manifest 'files' lists {sorted(m['files'])}, expected {sorted(_FILES)}")
+    _check_items(list(m["files"].values()), _FILE, "manifest file")
+    if not all(isinstance(v, list) and all(isinstance(d, int) for d in v) for v in m["shapes"].values()):
+        raise CorruptEntry("manifest 'shapes' is not a mapping of column to a list of integers")
+    if m["key"] != folder:
+        raise CorruptEntry(f"manifest key {m['key']!r} is not the folder name")
+    return m
+
+
 def read_manifest(path: Path) -> dict:
+    """The entry's checked manifest, or CorruptEntry (unreadable, not JSON, or the wrong shape)."""
     try:
         m = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError) as e:
         raise CorruptEntry(f"manifest unreadable: {e}") from None
-    if m.get("format") != FORMAT:
-        raise CorruptEntry(f"format {m.get('format')!r}, expected {FORMAT!r}")
-    return m
+    return check_manifest(m, path.name)
 
 
 def load_entry(path: Path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
@@ -312,38 +440,64 @@ def load_entry(path: Path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
 
 
 def entries_root(cache_root: Optional[str] = None) -> Path:
+    """The folder of the entries (made when missing), swept of stale temporary folders."""
     root = cache_dir(cache_root) / ENTRIES
     root.mkdir(parents=True, exist_ok=True)
+    sweep_stale_tmp(root)
     return root
 
 
+def entry_names(cache_root: Optional[str] = None) -> list[str]:
+    """Every entry folder, readable or not (what ``kdray cache rm`` may remove)."""
+    return sorted(p.name for p in entries_root(cache_root).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _summary(p: Path, m: dict) -> dict:
+    return {"key": p.name, "teacher": m["teacher"].get("model", ""), "data": m["data"].get("name", ""),
+            "examples": m["examples"], "bytes": m["bytes"], "bytes_per_example": m["bytes_per_example"],
+            "feature_layers": ",".join(m["request"]["feature_layers"]), "probes": len(m["request"]["probes"]),
+            "dtype": m["request"]["dtype"], "created": m["created"], "path": str(p)}
+
+
+def _warn_corrupt(name: str, e: CorruptEntry, rebuild: bool = False) -> None:
+    then = "rebuilding it" if rebuild else f"skipped (remove it with `kdray cache rm {name}`)"
+    log.warning("teacher cache: entry %s is corrupt (%s): %s", name, e, then)
+
+
 def list_entries(cache_root: Optional[str] = None) -> list[dict]:
-    """One summary per entry (corrupt ones included, marked)."""
+    """One summary per entry whose manifest reads; the others are skipped with a warning saying why."""
+    root = entries_root(cache_root)
     out = []
-    for p in sorted(entries_root(cache_root).iterdir()):
-        if p.name.startswith(".") or not p.is_dir():
-            continue
+    for name in entry_names(cache_root):
         try:
-            m = read_manifest(p)
-            out.append({"key": p.name, "teacher": m["teacher"].get("model", ""), "data": m["data"].get("name", ""),
-                        "examples": m["examples"], "bytes": m["bytes"], "bytes_per_example": m["bytes_per_example"],
-                        "feature_layers": ",".join(m["request"]["feature_layers"]),
-                        "probes": len(m["request"]["probes"]), "dtype": m["request"]["dtype"],
-                        "created": m["created"], "path": str(p)})
+            out.append(_summary(root / name, read_manifest(root / name)))
         except CorruptEntry as e:
-            out.append({"key": p.name, "teacher": f"corrupt: {e}", "path": str(p)})
+            _warn_corrupt(name, e)
     return out
 
 
 def remove_entries(keys: list[str], cache_root: Optional[str] = None) -> list[str]:
-    root = entries_root(cache_root)
+    """Remove entry folders by name, whatever their manifests say; the names removed."""
+    root, names = entries_root(cache_root), set(entry_names(cache_root))
     removed = []
     for k in keys:
-        p = root / k
-        if p.is_dir() and not k.startswith("."):
-            shutil.rmtree(p)
+        if k in names:
+            shutil.rmtree(root / k, ignore_errors=True)
             removed.append(k)
     return removed
+
+
+def _usable(path: Path, t_fp: str, d_fp: str, request: CacheRequest, key: str):
+    """(manifest, arrays) of the entry at ``path`` when it is intact and serves the request, else None
+    (a corrupt entry is reported; the one under ``key`` is about to be rebuilt, the others are left alone)."""
+    try:
+        m = read_manifest(path)
+        if m["teacher"].get("fingerprint") != t_fp or m["data"].get("fingerprint") != d_fp or not covers(m, request):
+            return None
+        return load_entry(path)
+    except CorruptEntry as e:
+        _warn_corrupt(path.name, e, rebuild=path.name == key)
+        return None
 
 
 def get_cache(teacher: nn.Module, bundle: DataBundle, request: CacheRequest, *, cache_root: Optional[str] = None,
@@ -356,23 +510,14 @@ def get_cache(teacher: nn.Module, bundle: DataBundle, request: CacheRequest, *, 
     info = dict(info or {})
     info["teacher"] = {**info.get("teacher", {}), "fingerprint": t_fp}
     info["data"] = {**info.get("data", {}), "fingerprint": d_fp, "name": bundle.name}
-    candidates = [root / key] + [p for p in sorted(root.iterdir()) if p.is_dir() and p.name != key
-                                 and not p.name.startswith(".")]
-    for path in candidates:
-        if not path.is_dir():
-            continue
-        try:
-            m = read_manifest(path)
-            if m["teacher"].get("fingerprint") != t_fp or m["data"].get("fingerprint") != d_fp or not covers(m, request):
-                continue
-            m, arrays = load_entry(path)
-        except CorruptEntry as e:
-            log.warning("teacher cache: entry %s is corrupt (%s): rebuilding it", path.name, e)
-            shutil.rmtree(path, ignore_errors=True)
-            continue
-        log.info("teacher cache: hit %s (%d examples, %.0f bytes/example)", path.name, m["examples"],
-                 m["bytes_per_example"])
-        return TeacherCache(path.name, path, m, arrays, hit=True)
+    names = entry_names(cache_root)
+    for name in ([key] if key in names else []) + [n for n in names if n != key]:
+        found = _usable(root / name, t_fp, d_fp, request, key)
+        if found:
+            m, arrays = found
+            log.info("teacher cache: hit %s (%d examples, %.0f bytes/example)", name, m["examples"],
+                     m["bytes_per_example"])
+            return TeacherCache(name, root / name, m, arrays, hit=True)
     log.info("teacher cache: building %s (teacher %s, data %s: %s)", key, t_fp, d_fp,
              ", ".join(f"{k}={v}" for k, v in request.describe().items() if v) or "logits only")
     path = build_entry(root, key, teacher, bundle, request, info, batch_size, device)

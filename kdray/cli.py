@@ -153,10 +153,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
         rows = cache.list_entries(args.cache_dir)
         print(render(pd.DataFrame(rows), args.format, hide=("path",)) if rows else "the teacher cache is empty")
         return 0
-    keys = [e["key"] for e in cache.list_entries(args.cache_dir)] if args.all else args.keys
+    names = cache.entry_names(args.cache_dir)  # unreadable entries too: rm is how they go
+    keys = names if args.all else args.keys
     if not keys:
         raise ConfigError("keys", args.keys, "entry keys from `kdray cache ls`, or --all")
-    missing = sorted(set(keys) - {e["key"] for e in cache.list_entries(args.cache_dir)})
+    missing = sorted(set(keys) - set(names))
     if missing:
         raise ConfigError("keys", missing, "keys of existing entries (see `kdray cache ls`)")
     for k in cache.remove_entries(keys, args.cache_dir):

@@ -139,6 +139,9 @@ class Method(nn.Module):
     layers: ClassVar[Literal["none", "teacher", "pairs", "fsp", "student"]] = "none"
     needs_teacher: ClassVar[bool] = True
     uses_temperature: ClassVar[bool] = False
+    # True: the term matches the student's logits to the teacher's at ``temperature`` (kd, dkd); the
+    # online scheme's teacher step learns from the student at the temperature of such a term
+    distils_logits: ClassVar[bool] = False
 
     class Options(Strict):
         """Method-specific options (``terms[i].options``); none by default."""
@@ -213,7 +216,7 @@ class Method(nn.Module):
 class KD(Method):
     """Hinton KD: KL(softmax(t/T) || softmax(s/T)) summed over classes, batch mean, times T^2."""
 
-    name, default_weight, uses_temperature = "kd", 0.9, True
+    name, default_weight, uses_temperature, distils_logits = "kd", 0.9, True, True
 
     def forward(self, sig: Signals) -> Tensor:
         T = self.temperature
@@ -280,7 +283,7 @@ class DKD(Method):
     (``labels >= 0``) and the teacher's argmax elsewhere. (mdistiller's warm-up is not implemented.)
     """
 
-    name, default_weight, uses_temperature = "dkd", 1.0, True
+    name, default_weight, uses_temperature, distils_logits = "dkd", 1.0, True, True
 
     class Options(Strict):
         alpha: float = Field(1.0, ge=0)  # weight of TCKD
@@ -316,7 +319,8 @@ def _kl_binary(t: Tensor, gt: Tensor, s: Tensor) -> Tensor:
 
 
 class _PairMethod(Method):
-    """A loss on (student layer i, teacher layer i) pairs, averaged over the pairs.
+    """A loss on (student layer i, teacher layer i) pairs, reduced over the pairs by the mean, or by the
+    sum where ``sum_pairs`` is set (each method's docstring says which, and why).
 
     Class switches: ``ranks`` the output ranks (with batch dim) allowed, None for any; ``pool`` pools
     the larger spatial map to the smaller; ``connect`` maps student channels to teacher channels
@@ -373,7 +377,11 @@ class _PairMethod(Method):
 
 @METHODS.register("fitnet")
 class FitNet(_PairMethod):
-    """FitNet hints: MSE (mean over elements) between the connected student and the teacher feature."""
+    """FitNet hints: MSE (mean over elements) between the connected student and the teacher feature.
+
+    Pairs: the mean. RepDistiller and mdistiller hint a single pair (``hint_layer``), where mean and sum
+    agree; the mean keeps the reference weight 100 meaning the same strength when several pairs are hinted.
+    """
 
     name, default_weight = "fitnet", 100.0
 
@@ -384,7 +392,10 @@ class FitNet(_PairMethod):
 @METHODS.register("feature_l2")
 class FeatureL2(_PairMethod):
     """Squared L2 distance between per-example L2-normalised flattened (connected) student and
-    teacher features (between 0 and 4 per example), batch mean."""
+    teacher features (between 0 and 4 per example), batch mean.
+
+    Pairs: the mean (a kdray method with no reference implementation: the loss stays in [0, 4]).
+    """
 
     name, default_weight = "feature_l2", 1.0
 
@@ -400,6 +411,10 @@ class AB(_PairMethod):
     Per element: (s+m)^2 where s > -m and t <= 0; (s-m)^2 where s <= m and t > 0; else 0.
     Reduction: the mean over all elements (= sum / batch size / elements per example), so the loss
     does not grow with the layer size; the original code sums and divides by batch size and 1000.
+
+    Pairs: the mean. RepDistiller sums its pairs with weights 2^(i-n+1) (the deepest 1), on its own
+    per-element scale and as an initialisation stage; with this normalisation no reference weight carries
+    over, so the default 1.0 is to be tuned and the mean keeps it independent of the number of pairs.
     """
 
     name, default_weight = "ab", 1.0
@@ -416,13 +431,16 @@ class AB(_PairMethod):
 
 @METHODS.register("at")
 class AT(_PairMethod):
-    """Attention transfer (Zagoruyko & Komodakis 2017), averaged over pairs.
+    """Attention transfer (Zagoruyko & Komodakis 2017), summed over pairs.
 
     a = L2-normalise(flatten(mean over channels of f^2)), after pooling the larger spatial map to
     the smaller; loss = mean over batch and positions of (a_s - a_t)^2. Channel counts may differ.
+
+    Pairs: the sum, as RepDistiller (``sum(loss_group)`` over its layer pairs) and mdistiller do; their
+    weight 1000 is for that sum (with the mean, n pairs would get 1/n of the reference strength).
     """
 
-    name, default_weight = "at", 1000.0
+    name, default_weight, sum_pairs = "at", 1000.0, True
     ranks, connect = (3, 4), False
 
     def pair_loss(self, s: Tensor, t: Tensor) -> Tensor:
@@ -443,7 +461,10 @@ class _Relational(_PairMethod):
 @METHODS.register("sp")
 class SP(_Relational):
     """Similarity preserving (Tung & Mori 2019): G = f f^T with rows L2-normalised;
-    ||G_t - G_s||_F^2 / B^2, summed over pairs (as in RepDistiller)."""
+    ||G_t - G_s||_F^2 / B^2.
+
+    Pairs: the sum, as RepDistiller (``sum(loss_group)``); its weight 3000 is for that sum.
+    """
 
     name, default_weight, sum_pairs = "sp", 3000.0, True
 
@@ -465,6 +486,9 @@ class RKD(_Relational):
     L1 (delta 1) averaged over the B x B matrix. Angle: cosines <e_ij, e_ik> of the unit difference
     vectors e_ij = (f_j - f_i)/|f_j - f_i|; smooth L1 averaged over the B x B x B tensor (degenerate
     entries are 0 for both models, as in RepDistiller). A batch of one example gives 0.
+
+    Pairs: the mean. RepDistiller and mdistiller apply RKD to a single pair (the penultimate embedding),
+    where mean and sum agree; the mean keeps the distance and angle weights per-pair strengths.
     """
 
     name, default_weight = "rkd", 1.0
@@ -514,6 +538,9 @@ class PKT(_Relational):
     Rows L2-normalised, cosine similarities mapped to [0, 1] by (c + 1) / 2, each row normalised to
     sum 1 (conditional probabilities); loss = mean over all B*B entries of t_ij log((t_ij+eps)/(s_ij+eps))
     (RepDistiller's reduction, which its reference weight 30000 was tuned for).
+
+    Pairs: the mean. RepDistiller applies PKT to a single pair (the penultimate embedding), where mean and
+    sum agree; the mean keeps the weight 30000 meaning the same strength for several pairs.
     """
 
     name, default_weight = "pkt", 30000.0
@@ -543,6 +570,10 @@ class FSP(Method):
     teacher layers' channel counts. Loss: MSE (mean over batch and matrix entries) between the
     student's and the teacher's G. Default weight 1.0 (not a reference value: the FSP paper uses
     it as a pre-training stage; tune it).
+
+    Pairs: none to reduce: a term takes exactly two layers per model, i.e. one FSP matrix. RepDistiller
+    sums the MSEs of several matrices (consecutive stages); list one fsp term per matrix to do the same,
+    since the terms of a loss are added.
     """
 
     name, default_weight, layers = "fsp", 1.0, "fsp"

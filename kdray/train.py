@@ -118,6 +118,7 @@ class Distiller(nn.Module):
         self.student = student
         built = build_terms(distill.terms, distill.temperature)
         self.ce_weight = distill.ce_weight
+        self.temperature = distill.temperature
         self.names = term_names([t.method for t, _, _ in built])
         self.weights = [w for _, w, _ in built]
         self.terms = nn.ModuleList([m for _, _, m in built])
@@ -128,6 +129,11 @@ class Distiller(nn.Module):
     def build(self, student_shapes: dict, teacher_shapes: dict) -> None:
         for i, m in enumerate(self.terms):
             m.build(student_shapes, teacher_shapes)
+
+    def online_temperature(self) -> float:
+        """The temperature of the online teacher's mutual-learning step: that of the first term distilling the
+        teacher's logits (kd, dkd: ``Method.distils_logits``), else ``distill.temperature``."""
+        return next((m.temperature for m in self.terms if m.distils_logits), self.temperature)
 
     def close(self) -> None:
         self._hooks.__exit__(None, None, None)
@@ -306,15 +312,18 @@ def fit(
     return FitResult(history, stopped, state(history[-1]["epoch"] if history else 0))
 
 
+def mutual_learning_loss(t_logits: torch.Tensor, y: torch.Tensor, s_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """The online teacher's loss: CE on the labelled examples + T^2 KL(softmax(s/T) || softmax(t/T)), batch mean."""
+    labelled = y >= 0
+    ce = F.cross_entropy(t_logits[labelled], y[labelled]) if labelled.any() else t_logits.sum() * 0.0
+    kl = F.kl_div(F.log_softmax(t_logits / T, 1), F.softmax(s_logits / T, 1), reduction="batchmean") * T * T
+    return ce + kl
+
+
 def _online_teacher_step(teacher: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                          s_logits: torch.Tensor, distiller: Distiller) -> torch.Tensor:
     """Deep mutual learning: the teacher learns from the labels and from the student's soft outputs."""
-    t_logits = teacher(x)
-    labelled = y >= 0
-    ce = F.cross_entropy(t_logits[labelled], y[labelled]) if labelled.any() else t_logits.sum() * 0.0
-    T = next((m.temperature for m in distiller.terms if m.name == "kd"), 1.0)
-    kl = F.kl_div(F.log_softmax(t_logits / T, 1), F.softmax(s_logits / T, 1), reduction="batchmean") * T * T
-    loss = ce + kl
+    loss = mutual_learning_loss(teacher(x), y, s_logits, distiller.online_temperature())
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -8,8 +8,9 @@ import logging
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from kdray.cache import CacheRequest, get_cache, list_entries
+from kdray.cache import CacheRequest, entries_root, get_cache, list_entries
 from kdray.cli import main
 from kdray.config import parse_config
 from kdray.probes import ProbeSpec
@@ -150,3 +151,101 @@ def test_a_second_search_builds_nothing(tmp_path, tiny_raw, monkeypatch):
     finally:
         ray.shutdown()
     assert list_entries() == entries  # same entry, same creation time: nothing was built
+
+
+def _wrong_shapes(good: dict) -> dict:
+    """Entry folder name -> a manifest of the wrong shape, and what the warning must say about it."""
+    def edit(**changes):
+        m = copy.deepcopy(good)
+        m.update(changes)
+        return {k: v for k, v in m.items() if v is not DROP}
+
+    DROP = object()
+    return {"a-list": ([good], "manifest is a list, expected an object"),
+            "null": (None, "manifest is NoneType, expected an object"),
+            "no-key": (edit(key=DROP), "manifest has no 'key'"),
+            "no-files": (edit(files=DROP), "manifest has no 'files'"),
+            "files-a-string": (edit(files="train.parquet"), "'files' is 'train.parquet', expected an object"),
+            "examples-a-string": (edit(examples="many"), "'examples' is 'many', expected an integer"),
+            "probe-without-layer": (edit(request={**good["request"], "probes": [{"pooling": "mean"}]}),
+                                    "probe[0] has no 'layer'"),
+            "file-without-checksum": (edit(files={**good["files"], "val.parquet": {"bytes": 1, "rows": 1}}),
+                                      "has no 'sha256'"),
+            "copied-entry": (good, "is not the folder name")}
+
+
+def test_wrong_shape_manifests_are_reported_skipped_and_removable(prep, cache_root, caplog, capsys):
+    import json
+    import shutil
+
+    import yaml
+
+    entry = get_cache(prep.teacher, prep.bundle, REQ, cache_root=cache_root)
+    shapes = _wrong_shapes(entry.manifest)
+    for name, (manifest, _) in shapes.items():
+        shutil.copytree(entry.path, entry.path.parent / name)
+        (entry.path.parent / name / "manifest.json").write_text(json.dumps(manifest))
+    caplog.set_level(logging.INFO, "kdray")
+    assert main(["cache", "ls", "--format", "json", "--cache-dir", cache_root]) == 0
+    assert [e["key"] for e in yaml.safe_load(capsys.readouterr().out)] == [entry.key]
+    for name, (_, problem) in shapes.items():
+        assert f"entry {name} is corrupt" in caplog.text and problem in caplog.text, name
+    # lookups skip them too: a hit on the good entry, and a build (no crash) once it is gone
+    assert get_cache(prep.teacher, prep.bundle, REQ, cache_root=cache_root).hit
+    assert main(["cache", "rm", entry.key, "--cache-dir", cache_root]) == 0
+    assert capsys.readouterr().out == f"removed {entry.key}\n"
+    assert not get_cache(prep.teacher, prep.bundle, REQ, cache_root=cache_root).hit
+    assert main(["cache", "rm", "a-list", "no-key", "--cache-dir", cache_root]) == 0
+    assert capsys.readouterr().out.split() == ["removed", "a-list", "removed", "no-key"]
+    assert main(["cache", "rm", "--all", "--cache-dir", cache_root]) == 0
+    assert not any(entry.path.parent.iterdir())
+    assert main(["cache", "ls", "--cache-dir", cache_root]) == 0
+    assert "empty" in capsys.readouterr().out
+
+
+class Interrupting(nn.Module):
+    """The teacher, until its forward has run ``after`` times; then it raises ``error`` (Ctrl-C, a crash)."""
+
+    def __init__(self, teacher: nn.Module, after: int, error: type[BaseException]):
+        super().__init__()
+        self.teacher, self.after, self.error, self.calls = teacher, after, error, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > self.after:
+            raise self.error("interrupted during the build")
+        return self.teacher(x)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_build_leaves_no_temporary_folder_and_no_entry(prep, cache_root, error):
+    teacher = Interrupting(prep.teacher, after=3, error=error)
+    with pytest.raises(error):
+        get_cache(teacher, prep.bundle, CacheRequest(("teacher.relu2",)), cache_root=cache_root, batch_size=100)
+    assert teacher.calls == 4  # it did stop in the middle of the build
+    root = entries_root(cache_root)
+    assert list(root.iterdir()) == [] and list_entries(cache_root) == []
+
+
+def test_temporary_folders_of_killed_builds_are_swept(cache_root):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from kdray.cache import _HOST, STALE_TMP_SECONDS
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    root = entries_root(cache_root)
+    names = {f".k1.{_HOST}.{dead.pid}.tmp": False,  # its process is gone
+             f".k2.{_HOST}.{os.getpid()}.tmp": True,  # a build in progress
+             ".k3.otherhost.1.tmp": True,  # another machine's build: kept until it is old
+             ".k4.otherhost.2.tmp": False, ".k5.3.tmp": False}  # old
+    for name in names:
+        (root / name).mkdir()
+    old = time.time() - STALE_TMP_SECONDS - 60
+    for name in (".k4.otherhost.2.tmp", ".k5.3.tmp"):
+        os.utime(root / name, (old, old))
+    assert main(["cache", "ls", "--cache-dir", cache_root]) == 0
+    assert sorted(p.name for p in root.iterdir()) == sorted(n for n, kept in names.items() if kept)

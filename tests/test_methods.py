@@ -236,7 +236,7 @@ def np_attention(f):
     return a / np.linalg.norm(a, axis=1, keepdims=True)
 
 
-def test_at_with_pooling_and_mean_over_pairs():
+def test_at_with_pooling_and_sum_over_pairs():
     s1, t1 = rand(2, 3, 4, 4, seed=15), rand(2, 5, 2, 2, seed=16)  # student map pooled to 2x2
     s2, t2 = rand(2, 4, 6, seed=17), rand(2, 2, 6, seed=18)  # 1-D maps, equal length
     m = built("at", {"s1": s1, "s2": s2}, {"t1": t1, "t2": t2})
@@ -244,7 +244,17 @@ def test_at_with_pooling_and_mean_over_pairs():
     l1 = ((np_attention(block_mean(s1.numpy(), 2)) - np_attention(t1.numpy())) ** 2).mean()
     l2 = ((np_attention(s2.numpy()) - np_attention(t2.numpy())) ** 2).mean()
     got = m(feat_sig({"s1": s1, "s2": s2}, {"t1": t1, "t2": t2}, 2)).item()
-    assert got == pytest.approx((l1 + l2) / 2, rel=1e-10)
+    assert got == pytest.approx(l1 + l2, rel=1e-10)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_at_with_n_identical_pairs_is_n_times_one_pair(n):
+    """RepDistiller and mdistiller sum AT over the pairs: the reference weight 1000 is for that sum."""
+    s, t = rand(4, 3, 4, 4, seed=19), rand(4, 5, 4, 4, seed=20)
+    one = built("at", {"s": s}, {"t": t})(feat_sig({"s": s}, {"t": t}, 4)).item()
+    m = make("at", student_layers=["s"] * n, teacher_layers=["t"] * n)
+    m.build({"s": s.shape}, {"t": t.shape})
+    assert one > 0 and m(feat_sig({"s": s}, {"t": t}, 4)).item() == pytest.approx(n * one, rel=1e-12)
 
 
 def test_at_on_flat_layer_raises_config_error():

@@ -106,6 +106,31 @@ def test_online_scheme_trains_the_teacher_too(tiny_raw, prep):
     assert all(torch.equal(before[k], v) for k, v in prep.teacher.state_dict().items())  # shared teacher untouched
 
 
+@pytest.mark.parametrize("terms, temperature, expected", [
+    ([{"method": "dkd", "temperature": 4.0}], 2.0, 4.0),  # the dkd term's own temperature
+    ([{"method": "dkd"}], 4.0, 4.0),  # dkd at distill.temperature (was 1: only a term named kd counted)
+    ([{"method": "probe_kd", "teacher_layers": ["relu3"], "temperature": 5.0}], 3.0, 3.0),  # no teacher logits
+], ids=["dkd-term-T", "dkd-distill-T", "no-logit-term"])
+def test_online_teacher_step_uses_the_logit_terms_temperature(tiny_raw, prep, terms, temperature, expected):
+    from torch.nn import functional as F
+
+    from kdray.train import Distiller, _online_teacher_step
+
+    tiny_raw["distill"].update(scheme="online", temperature=temperature, terms=terms)
+    distiller = Distiller(torch.nn.Linear(40, 10), parse_config(tiny_raw).distill)
+    assert distiller.online_temperature() == expected
+    teacher = copy.deepcopy(prep.teacher).eval().requires_grad_(True)  # the online scheme trains its copy
+    x, y = prep.bundle.x_train[:40], prep.bundle.y_train[:40]
+    s_logits = torch.randn(40, 10, generator=torch.Generator().manual_seed(0))
+    got = _online_teacher_step(teacher, torch.optim.SGD(teacher.parameters(), lr=0.0), x, y, s_logits, distiller)
+    with torch.no_grad():  # by hand: CE on the labelled examples + T^2 KL(student || teacher) at T = expected
+        t, T, lab = teacher(x), expected, y >= 0
+        ce = -F.log_softmax(t[lab], 1).gather(1, y[lab, None]).mean()
+        p_s = F.softmax(s_logits / T, 1)
+        kl = (p_s * (p_s.log() - F.log_softmax(t / T, 1))).sum(1).mean() * T * T
+    assert lab.any() and got.item() == pytest.approx((ce + kl).item(), rel=1e-5)
+
+
 def test_diverging_loss_names_epoch_and_term(tiny_raw, prep):
     tiny_raw["train"]["optimizer"] = {"name": "sgd", "lr": 1e12, "momentum": 0.0}
     tiny_raw["distill"]["terms"] = [TERMS["fitnet"]]

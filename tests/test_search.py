@@ -112,7 +112,10 @@ def _finished_epochs(exp: Path) -> dict[str, list[int]]:
     """trial folder -> the epochs it reported, for trials that reported their last epoch."""
     out = {}
     for f in exp.glob("*/result.json"):
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        try:
+            rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        except ValueError:  # read while Ray writes a line: that trial is not finished, or is read next time
+            continue
         if rows and rows[-1].get("epoch") == rows[-1].get("max_epochs"):
             out[f.parent.name] = [r["epoch"] for r in rows]
     return out
@@ -125,14 +128,21 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
     cmd = [sys.executable, "-m", "kdray.cli", "search", str(space), "--storage-path", str(storage),
            "--no-progress", "--no-baseline", "--num-cpus", "2"]
     env = dict(os.environ)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = tmp_path / "search.log"  # a file, not a pipe nobody reads while it runs (a full pipe blocks the search)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     exp = storage / "tiny-search"
-    deadline = time.time() + 240
-    while time.time() < deadline and len(_finished_epochs(exp)) < 2:
-        time.sleep(0.5)
-    assert len(_finished_epochs(exp)) >= 2, proc.stdout.read().decode()[-3000:] if proc.poll() is not None else ""
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(_finished_epochs(exp)) < 2 and proc.poll() is None:
+            time.sleep(0.5)
+        assert len(_finished_epochs(exp)) >= 2, log.read_text(errors="replace")[-3000:]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:  # whatever failed above: no search (and its local Ray, same process group) left running
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
     before = _finished_epochs(exp)
     assert 2 <= len(before) < 5
     done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)

@@ -148,6 +148,14 @@ def check_cluster_fits(s: SearchSettings, field_cpus: str = "--cpus-per-worker")
         raise ConfigError("--gpus-per-worker", s.gpus_per_worker, f"at most {gpus:g} GPUs per worker (the largest node "
                                                                   "of this Ray cluster; KDRAY_WAIT_FOR_RESOURCES=1 "
                                                                   "waits for an autoscaler)")
+    total_cpus = sum(r.get("CPU", 0.0) for r in nodes)
+    total_gpus = sum(r.get("GPU", 0.0) for r in nodes)
+    fit = min(total_cpus // s.cpus_per_worker, total_gpus // s.gpus_per_worker if s.gpus_per_worker else math.inf)
+    if s.workers_per_trial > fit:
+        raise ConfigError("--workers-per-trial", s.workers_per_trial,
+                          f"at most {fit:g} workers of {s.cpus_per_worker:g} CPUs and {s.gpus_per_worker:g} GPUs (this "
+                          f"Ray cluster has {total_cpus:g} CPUs and {total_gpus:g} GPUs; a trial's workers start "
+                          "together)")
 
 
 class PruningAwareOptunaSearch(OptunaSearch):

@@ -486,6 +486,7 @@ def test_a_ray_address_with_no_ray_behind_it_is_refused_within_seconds(tmp_path,
     ("--cpus-per-worker", "100", ["--cpus-per-worker", "100", "at most 2 CPUs per worker"]),
     ("--gpus-per-worker", "1", ["--gpus-per-worker", "1", "at most 0 GPUs per worker"]),
     ("--num-cpus", "0", ["--num-cpus", "0", "1 or more"]),
+    ("--workers-per-trial", "3", ["--workers-per-trial", "3", "at most 2 workers", "2 CPUs"]),
 ])
 def test_resources_no_node_can_provide_are_refused(tmp_path, cache_dir, capsys, option, value, words):
     if option == "--gpus-per-worker" and __import__("torch").cuda.is_available():

@@ -213,6 +213,7 @@ SEARCH_SETTINGS = ("num_trials", "concurrency", "workers_per_trial", "cpus_per_w
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from kdray.redact import mask
     from kdray.search import SearchOptions, run_search, status_counts, top_table
 
     if args.register_top < 0:
@@ -229,7 +230,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     metric = next(c for c in outcome.table.columns if c.startswith("best_")).removeprefix("best_") \
         if not outcome.table.empty else "val_acc"
     print(top_table(outcome.table, metric))
-    print(f"trials: {status_counts(outcome.table)}; {outcome.seconds:.0f} s; results in {outcome.experiment_path}")
+    print(f"trials: {status_counts(outcome.table)}; {outcome.seconds:.0f} s; "
+          f"results in {mask(outcome.experiment_path)}")
     if outcome.baseline and not outcome.table.empty:
         best = outcome.table.iloc[0]
         print(f"best trial {best['trial_id']}: {metric} {best[metric]:.4f}, test_acc {best['test_acc']:.4f} | "

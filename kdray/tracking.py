@@ -455,7 +455,8 @@ class SearchTracker:
     def _create_parent(self, exp_path: str, settings: dict, space_path: str | Path, ray_address: Optional[str]) -> str:
         c = self.client
         tags = {ROLE_TAG: "search", SEARCH_PATH_TAG: mask(exp_path), STATUS_TAG: "running",
-                "kdray.version": __version__, "kdray.ray_address": mask(ray_address) or "local", "kdray.teacher": self.teacher,
+                "kdray.version": __version__, "kdray.ray_address": mask(ray_address) or "local",
+                "kdray.teacher": self.teacher,
                 "kdray.space_file": str(Path(space_path).resolve()), "kdray.metric": self.space.metric,
                 "kdray.mode": self.space.mode, "mlflow.source.name": "kdray search"}
         commit = git_commit(Path(space_path).resolve().parent) or git_commit(Path.cwd())

@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = tracker.train(cfg, out) if tracker else run(cfg, output_dir=out)
     print(summary_table(summary))
     if tracker:
-        print(f"MLflow: experiment {args.experiment or cfg.name!r} at {tracker.uri}")
+        tracker.report(summary.output_dir or out)
     if args.json:
         d = summary.to_dict()
         d.pop("history")
@@ -205,8 +205,7 @@ def add_search(sub: argparse._SubParsersAction) -> None:
                                                             "(default: refuse)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-baseline", action="store_true", help="skip the hard-label student trained for comparison")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///mlflow.db in the working directory)")
+    add_tracking_uri(p)
     p.add_argument("--experiment", help="MLflow experiment name (default: the space's name)")
     p.add_argument("--register-pareto", action="store_true",
                    help="multi-objective space: register every Pareto-optimal student (instead of the top K)")
@@ -223,6 +222,7 @@ SEARCH_SETTINGS = ("num_trials", "concurrency", "workers_per_trial", "cpus_per_w
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from kdray.redact import mask
     from kdray.search import SearchOptions, run_search, status_counts, top_table
 
     if args.register_top < 0:
@@ -240,7 +240,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     metric = next(c for c in outcome.table.columns if c.startswith("best_")).removeprefix("best_") \
         if not outcome.table.empty else "val_acc"
     print(top_table(outcome.table, metric))
-    print(f"trials: {status_counts(outcome.table)}; {outcome.seconds:.0f} s; results in {outcome.experiment_path}")
+    print(f"trials: {status_counts(outcome.table)}; {outcome.seconds:.0f} s; "
+          f"results in {mask(outcome.experiment_path)}")
     if outcome.baseline and not outcome.table.empty:
         best = outcome.table.iloc[0]
         print(f"best trial {best['trial_id']}: {metric} {best[metric]:.4f}, test_acc {best['test_acc']:.4f} | "
@@ -277,8 +278,12 @@ def add_format(p: argparse.ArgumentParser) -> None:
 
 
 def add_tracking_uri(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///mlflow.db in the working directory)")
+    from kdray.redact import credentials_to_env  # user:password@ of an HTTP URI: to the environment at once
+
+    p.add_argument("--tracking-uri", type=credentials_to_env,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working "
+                        "directory); http://user:password@host moves the credentials to MLFLOW_TRACKING_USERNAME/"
+                        "PASSWORD")
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -392,13 +397,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from kdray.redact import mask, mask_logging
+
+    mask_logging()  # no credential in any log line
     try:
         return args.func(args)
     except KdrayError as e:
-        print(f"kdray: error: {e}", file=sys.stderr)
+        print(f"kdray: error: {mask(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
-        print(f"kdray: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        print(f"kdray: interrupted{': ' + mask(str(e)) if str(e) else ''}", file=sys.stderr)
         return 130
 
 

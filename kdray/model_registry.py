@@ -324,6 +324,7 @@ def registered_model(client: Any, name: str, tracking_uri: Optional[str]) -> Any
     """The registered model ``name``, or a ConfigError listing the models that exist."""
     from mlflow.exceptions import MlflowException
 
+    from kdray.redact import mask
     from kdray.tracking import resolve_tracking_uri
 
     try:
@@ -332,7 +333,7 @@ def registered_model(client: Any, name: str, tracking_uri: Optional[str]) -> Any
         if not _missing(e):
             raise
     names = [m.name for m in client.search_registered_models(max_results=20)]
-    raise ConfigError("NAME", name, f"a registered model in {resolve_tracking_uri(tracking_uri)[0]}"
+    raise ConfigError("NAME", name, f"a registered model in {mask(resolve_tracking_uri(tracking_uri)[0])}"
                                     f"{': ' + ', '.join(names) if names else ' (none is registered)'}")
 
 

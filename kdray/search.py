@@ -28,6 +28,7 @@ from ray.tune.search.optuna import OptunaSearch
 from kdray.config import parse_config
 from kdray.errors import ConfigError, KdrayError, first_line
 from kdray.paths import check_cache_dir, check_writable_dir
+from kdray.redact import mask
 from kdray.space import (DefineByRun, SearchSettings, SearchSpace, check_space, choice_combinations, dimensions,
                          initial_points, load_space, trial_raw)
 
@@ -86,7 +87,7 @@ def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
     field = "--address"
     if address is None and os.environ.get("RAY_ADDRESS"):  # e.g. inside `ray job submit`, or a sourced env.sh
         address, field = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
-        log.info("Ray: connecting to RAY_ADDRESS=%s", address)
+        log.info("Ray: connecting to RAY_ADDRESS=%s", mask(address))
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "runtime_env": {"env_vars": {"KDRAY_CACHE_DIR": os.environ.get("KDRAY_CACHE_DIR", "")}}}
     if address is None:
@@ -456,11 +457,9 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
     max_epochs = s.max_epochs or first.train.epochs
     tracker = None
     if opts.tracking:  # the tracking URI must answer before any trial (or teacher training) starts
-        from kdray.tracking import SearchTracker, connect, resolve_tracking_uri
+        from kdray.tracking import search_tracker
 
-        connect(opts.tracking_uri)
-        tracker = SearchTracker(resolve_tracking_uri(opts.tracking_uri)[0], opts.experiment or space.name, space,
-                                base_raw, base_dir)
+        tracker = search_tracker(opts.tracking_uri, opts.experiment or space.name, space, base_raw, base_dir)
 
     import ray
     from ray import tune
@@ -545,15 +544,12 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
             except KdrayError:
                 raise
             except Exception as e:  # noqa: BLE001 - the tracking server went away: the trials are safe on disk
-                tracker.warn_once("the end of the search (summary, registration, closing the runs)", e)
+                tracker.writes.failed("the end of the search (summary, registration, closing the runs)", e)
                 with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5"):
                     tracker.close_after_error(e)
             if registered:
                 table.to_parquet(out) if "://" in out else _write_parquet(table, Path(out))
-            if tracker.lost_summary():
-                log.warning("MLflow (%s): some writes failed while the tracking server was unreachable; not logged: "
-                            "%s. Every trial's metrics are in %s and its result.json files.", tracker.uri,
-                            tracker.lost_summary(), out)
+            tracker.writes.warn_end(f"Every trial's metrics are in {out} and its result.json files.")
         if unfinished:
             raise KeyboardInterrupt(f"search interrupted with {unfinished} trial(s) unfinished; results so far in "
                                     f"{out}; continue it with --resume")

@@ -2,7 +2,12 @@
 
 * :func:`resolve_tracking_uri` and :func:`connect` pick the tracking URI (``--tracking-uri``, else
   ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory) and check that it
-  answers before anything else starts (a short timeout and no retries for HTTP servers).
+  answers before anything else starts (a short timeout and no retries for HTTP servers). Credentials in an
+  HTTP(S) URI move to the environment (:mod:`kdray.redact`); every URI kdray shows is masked.
+* :func:`active_experiment` refuses a deleted experiment (exit 2) before any work;
+  :func:`search_tracker` runs both checks for a search.
+* :class:`PausedWrites` is the one bounded-pause policy for MLflow writes that must never stop the work they
+  record (a search's trials here, ``kdray train --track`` in :mod:`kdray.train_tracking`).
 * :class:`SearchTracker` owns the runs. It only calls :class:`mlflow.MlflowClient` with explicit run ids
   (no fluent active-run state), so its writes are safe from the Tune driver's callback thread.
 * :class:`MlflowSearchCallback` is a driver-side ``ray.tune.Callback``: it opens a trial's child run when
@@ -36,6 +41,7 @@ from ray.tune import Callback
 
 from kdray import __version__
 from kdray.errors import ConfigError, KdrayError
+from kdray.redact import credentials_to_env, mask
 
 log = logging.getLogger("kdray")
 
@@ -61,10 +67,15 @@ _KEY_OK = re.compile(r"[^/\w.\- :]")
 
 def resolve_tracking_uri(uri: Optional[str] = None) -> tuple[str, str]:
     """(URI, where it came from): ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite file
-    ``mlflow.db`` in the working directory (MLflow 3's own default, made absolute)."""
+    ``mlflow.db`` in the working directory (MLflow 3's own default, made absolute).
+
+    The ``user:password@`` of an HTTP(S) URI moves to ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``
+    (:func:`kdray.redact.credentials_to_env`; ``MLFLOW_TRACKING_URI`` is rewritten clean): the URI returned
+    holds no password."""
     if uri:
-        return uri, "--tracking-uri"
+        return credentials_to_env(uri), "--tracking-uri"
     if os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = credentials_to_env(os.environ["MLFLOW_TRACKING_URI"])
         return os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
     return "sqlite:///" + str(Path("mlflow.db").resolve()), "the default tracking URI"
 
@@ -84,7 +95,8 @@ def _env(**values: str) -> Iterator[None]:
 
 
 def _first_line(e: BaseException, n: int = 300) -> str:
-    text = str(e).strip()
+    """The first line of an error's message, credentials masked."""
+    text = mask(str(e).strip())
     return (text.splitlines()[0] if text else type(e).__name__)[:n]
 
 
@@ -102,7 +114,7 @@ def connect(uri: Optional[str] = None, timeout_s: float = 5.0):
             client.search_experiments(max_results=1)
         except Exception as e:  # noqa: BLE001 - connection, auth and URI-scheme errors of many kinds
             field = source if source.startswith(("--", "MLFLOW")) else "tracking URI"
-            raise ConfigError(field, uri, f"a reachable MLflow tracking URI (http://host:port of a running "
+            raise ConfigError(field, mask(uri), f"a reachable MLflow tracking URI (http://host:port of a running "
                                           f"`mlflow server`, sqlite:///path/mlflow.db ...); it failed with: "
                                           f"{_first_line(e)}") from None
     return client
@@ -242,7 +254,85 @@ def error_text(trial: Any) -> str:
         except Exception:  # noqa: BLE001
             pass
     lines = [ln.strip() for ln in str(err or "").strip().splitlines() if ln.strip() and not ln.startswith("Failure #")]
-    return (lines[-1] if lines else "unknown error")[:1000]
+    return mask(lines[-1] if lines else "unknown error")[:1000]
+
+
+def active_experiment(client: Any, name: str) -> Any:
+    """The MLflow experiment called ``name``, or None when there is none yet; a ConfigError (exit 2) when it
+    is deleted: MLflow keeps a deleted experiment's name taken, and runs cannot go into it."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage != "active":
+        raise ConfigError("--experiment", name, f"the name of an active MLflow experiment or a new name; this one is "
+                                                f"deleted (id {exp.experiment_id}): restore it with `mlflow "
+                                                f"experiments restore --experiment-id {exp.experiment_id}` or "
+                                                f"choose another name")
+    return exp
+
+
+# --------------------------------------------------------------------------------------------------
+# writes that never stop the work they record
+
+
+class PausedWrites:
+    """The bounded pause of MLflow writes that must never stop the work they record (the trials of a search,
+    a ``kdray train --track``): one implementation for both.
+
+    Each write gets one retry and a 10 s timeout. A failed write is counted (what, and which ``item``: a trial,
+    an epoch), the first failure of each kind is logged at once, and every write of the next ``PAUSE_S`` seconds
+    is skipped and counted, so an unreachable server costs one timeout per pause instead of stalling the work.
+    :meth:`warn_end` says at the end what was not logged, naming the (masked) URI.
+    """
+
+    PAUSE_S = 30.0
+
+    def __init__(self, uri: str, goes_on: str, items: str):
+        self.uri, self.goes_on, self.items = mask(uri), goes_on, items
+        self.paused_until = 0.0
+        self.lost: dict[str, set[str]] = {}  # what -> items
+        self._warned: set[str] = set()
+
+    def __getstate__(self) -> dict:  # kept in the search state Tune pickles: a pause does not outlive the run
+        return {**self.__dict__, "paused_until": 0.0}
+
+    def __call__(self, what: str, fn, *args, item: Optional[str] = None, **kwargs) -> Any:
+        """``fn(*args, **kwargs)``, or None when it failed or was skipped (paused)."""
+        if time.monotonic() < self.paused_until:
+            self.skipped(what, item)
+            return None
+        try:
+            with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
+                return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - connection errors of many kinds
+            self.failed(what, e, item)
+            self.paused_until = time.monotonic() + self.PAUSE_S
+            return None
+
+    def skipped(self, what: str, item: Optional[str] = None) -> None:
+        self.lost.setdefault(what, set()).add(item or "-")
+
+    def failed(self, what: str, e: BaseException, item: Optional[str] = None) -> None:
+        """A write failed: counted, and the first failure of each kind logged right away."""
+        self.skipped(what, item)
+        if what not in self._warned:
+            self._warned.add(what)
+            log.warning("MLflow logging failed in %s (%s): %s", what, self.goes_on, _first_line(e))
+
+    def summary(self) -> Optional[str]:
+        """What was not logged, by kind and item; None when everything was."""
+        if not self.lost:
+            return None
+
+        def one(what: str, items: set[str]) -> str:
+            named = sorted(items - {"-"}, key=lambda i: (len(i), i))
+            return f"{what}: {self.items} {', '.join(named)}" if named else what
+
+        return "; ".join(one(what, items) for what, items in sorted(self.lost.items()))
+
+    def warn_end(self, where: str) -> None:
+        """At the end: a warning naming the URI and what was not logged (nothing when everything was)."""
+        if self.lost:
+            log.warning("MLflow (%s): some writes failed while the tracking server was unreachable; not logged: %s. "
+                        "%s", self.uri, self.summary(), where)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,8 +357,7 @@ class SearchTracker:
         self.ended = False
         self._client = None
         self._student_cache: dict[str, tuple[int, int]] = {}
-        self._warned: set[str] = set()
-        self.lost: dict[str, set[str]] = {}  # MLflow writes that failed: hook -> trial ids
+        self.writes = PausedWrites(uri, "the search goes on; trials keep training", "trials")
 
     @classmethod
     def attach(cls, uri: str, experiment: str, space: Any, base_raw: dict, base_dir: str | Path, parent_run_id: str,
@@ -283,9 +372,7 @@ class SearchTracker:
         return t
 
     def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment state
-        state = self.__dict__.copy()
-        state["_client"] = None
-        return state
+        return {**self.__dict__, "_client": None, "uri": mask(self.uri)}  # (a database URI keeps its password)
 
     @property
     def client(self):
@@ -306,10 +393,7 @@ class SearchTracker:
         c = self.client
         self.num_classes = num_classes
         self.teacher = self._teacher_label(teacher_info)
-        exp = c.get_experiment_by_name(self.experiment)
-        if exp is not None and exp.lifecycle_stage != "active":
-            raise ConfigError("--experiment", self.experiment, "the name of an active MLflow experiment (this one "
-                                                               "is deleted: restore it or choose another name)")
+        exp = active_experiment(c, self.experiment)
         if exp is None:
             local = _local_sqlite_dir(self.uri)
             try:
@@ -331,12 +415,14 @@ class SearchTracker:
             c.set_tag(parent, "kdray.resumes", str(resumes))
             c.set_tag(parent, STATUS_TAG, "running")
             self._load_children()
-            log.info("MLflow: resuming parent run %s in experiment %r (%s)", parent, self.experiment, self.uri)
+            log.info("MLflow: resuming parent run %s in experiment %r (%s)", parent, self.experiment, mask(self.uri))
         else:
             if resume:
-                log.warning("MLflow: no parent run of %s found in %s; starting a new one", exp_path, self.uri)
+                log.warning("MLflow: no parent run of %s found in %s; starting a new one", mask(exp_path),
+                            mask(self.uri))
             self.parent_run_id = self._create_parent(exp_path, settings, space_path, ray_address)
-            log.info("MLflow: parent run %s in experiment %r (%s)", self.parent_run_id, self.experiment, self.uri)
+            log.info("MLflow: parent run %s in experiment %r (%s)", self.parent_run_id, self.experiment,
+                     mask(self.uri))
         _write_text(id_file, self.parent_run_id + "\n")
         if probes:
             from mlflow.entities import Metric
@@ -362,14 +448,15 @@ class SearchTracker:
             except Exception:  # noqa: BLE001 - not in this tracking store
                 pass
         runs = self.client.search_runs([self.experiment_id], f"tags.{ROLE_TAG} = 'search' and "
-                                                             f"tags.`{SEARCH_PATH_TAG}` = '{_quote(exp_path)}'",
+                                                             f"tags.`{SEARCH_PATH_TAG}` = '{_quote(mask(exp_path))}'",
                                        max_results=1, order_by=["attributes.start_time DESC"])
         return runs[0].info.run_id if runs else None
 
     def _create_parent(self, exp_path: str, settings: dict, space_path: str | Path, ray_address: Optional[str]) -> str:
         c = self.client
-        tags = {ROLE_TAG: "search", SEARCH_PATH_TAG: exp_path, STATUS_TAG: "running", "kdray.version": __version__,
-                "kdray.ray_address": ray_address or "local", "kdray.teacher": self.teacher,
+        tags = {ROLE_TAG: "search", SEARCH_PATH_TAG: mask(exp_path), STATUS_TAG: "running",
+                "kdray.version": __version__, "kdray.ray_address": mask(ray_address) or "local",
+                "kdray.teacher": self.teacher,
                 "kdray.space_file": str(Path(space_path).resolve()), "kdray.metric": self.space.metric,
                 "kdray.mode": self.space.mode, "mlflow.source.name": "kdray search"}
         commit = git_commit(Path(space_path).resolve().parent) or git_commit(Path.cwd())
@@ -533,20 +620,6 @@ class SearchTracker:
         self.statuses[trial_id] = status
         self.open.discard(trial_id)
 
-    def warn_once(self, what: str, e: BaseException, trial_id: Optional[str] = None) -> None:
-        """An MLflow write failed (e.g. the server is away): the search goes on; what was lost is counted and
-        said at the end (:meth:`lost_summary`), the first failure of each kind right away."""
-        self.lost.setdefault(what, set()).add(trial_id or "-")
-        if what not in self._warned:
-            self._warned.add(what)
-            log.warning("MLflow logging failed in %s (the search goes on; trials keep training): %s", what,
-                        _first_line(e))
-
-    def lost_summary(self) -> Optional[str]:
-        if not self.lost:
-            return None
-        return "; ".join(f"{what}: trials {', '.join(sorted(t))}" for what, t in sorted(self.lost.items()))
-
     def trial_recovered(self, trial_id: str, error: str) -> None:
         """Tune restarts a failed trial from its last checkpoint: same child run, the retry on record."""
         run_id = self.children.get(trial_id) or self._child_for(trial_id)
@@ -594,7 +667,7 @@ class SearchTracker:
         self.log_summary(table, baseline, registrations)
         if error is not None:
             self.end("FAILED", f"registering the best students failed: {_first_line(error)}")
-            raise KdrayError(f"the search finished, but registering its best students in {self.uri} failed "
+            raise KdrayError(f"the search finished, but registering its best students in {mask(self.uri)} failed "
                              f"(no model version was left behind): {_first_line(error)}") from error
         self.end("FINISHED")
         return table, registrations
@@ -637,6 +710,14 @@ class SearchTracker:
             c.set_tag(rid, "kdray.registered_model", f"{best['name']}/{best['version']}")
 
 
+def search_tracker(uri: Optional[str], experiment: str, space: Any, base_raw: dict,
+                   base_dir: str | Path) -> SearchTracker:
+    """The tracker of a search, after the checks that come before any work: the tracking URI answers
+    (:func:`connect`) and the experiment is not deleted (:func:`active_experiment`)."""
+    active_experiment(connect(uri), experiment)
+    return SearchTracker(resolve_tracking_uri(uri)[0], experiment, space, base_raw, base_dir)
+
+
 def _quote(s: str) -> str:
     return str(s).replace("\\", "\\\\").replace("'", "\\'")
 
@@ -644,28 +725,15 @@ def _quote(s: str) -> str:
 class MlflowSearchCallback(Callback):
     """Driver-side Tune callback: every MLflow write of a search's trials goes through here.
 
-    MLflow errors are logged (once per hook) and never stop the search.
+    MLflow errors never stop the search: they go through the tracker's :class:`PausedWrites`.
     """
-
-    PAUSE_S = 30.0
 
     def __init__(self, tracker: SearchTracker):
         self.tracker = tracker
-        self.paused_until = 0.0
 
     def _safe(self, what: str, fn, *args) -> None:
-        """Run one MLflow write; a failure is counted, never raised. After a failure, writes are skipped
-        (and counted) for ``PAUSE_S`` seconds, so an unreachable server does not stall the driver loop."""
         trial_id = args[0] if args and isinstance(args[0], str) else None
-        if time.monotonic() < self.paused_until:
-            self.tracker.lost.setdefault(what, set()).add(trial_id or "-")
-            return
-        try:
-            with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
-                fn(*args)
-        except Exception as e:  # noqa: BLE001
-            self.tracker.warn_once(what, e, trial_id)
-            self.paused_until = time.monotonic() + self.PAUSE_S
+        self.tracker.writes(what, fn, *args, item=trial_id)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._safe("on_trial_start", self.tracker.trial_started, trial.trial_id, trial.config)

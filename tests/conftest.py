@@ -1,8 +1,17 @@
-"""Shared fixtures: a per-session kdray cache folder and tiny MNIST-1D experiment configs."""
+"""Shared fixtures: a per-session kdray cache folder, tiny MNIST-1D experiment configs and a real
+``mlflow server``."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from types import SimpleNamespace
 
 import pytest
 
@@ -50,3 +59,48 @@ def mlflow_store(tmp_path_factory):
 def tiny_raw():
     """A fresh copy of the tiny experiment config as a dict (edit freely)."""
     return copy.deepcopy(TINY)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on a free loopback port (SQLite backend, artifacts under tmp_path)."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 150
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+        yield SimpleNamespace(url=url, port=port, store=tmp_path / "server.db", artifacts=tmp_path / "server-artifacts",
+                              proc=proc)  # proc: to stop it early
+    finally:  # the server and its workers are one process group: end that group only
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        log.close()

@@ -24,7 +24,7 @@ import pytest
 from mlflow import MlflowClient
 from test_cluster import HOST, free_port, stop_processes
 from test_search import SPACE, _finished_epochs, write_space
-from test_tracking import all_runs, mlflow_server  # noqa: F401 - mlflow_server is a fixture used below
+from test_tracking import all_runs
 
 from kdray.search import read_results
 from kdray.tracking import PARENT_ID_FILE
@@ -360,7 +360,7 @@ def test_losing_the_worker_node_reschedules_its_trials_on_the_head(tmp_path, tin
 
 
 def test_tracking_server_lost_mid_search_trials_finish_and_say_what_was_not_logged(tmp_path, tiny_raw,
-                                                                                  mlflow_server):  # noqa: F811
+                                                                                  mlflow_server):
     space = write_space(tmp_path, slow_student(tiny_raw, 0.05), name="server-lost", methods=KD_ONLY,
                         search={"num_trials": 2, "concurrency": 2, "max_epochs": 4, "scheduler": "none"})
     exp = tmp_path / "results" / "server-lost"

@@ -4,16 +4,12 @@ load in a fresh process, all-or-nothing registration, ``kdray promote``, fail-fa
 runs ended (never left RUNNING) on interruption and reused on resume."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, free_port
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from test_search import SPACE, write_space
@@ -302,15 +298,9 @@ def test_runs_are_ended_on_interruption_and_reused_on_resume(tmp_path, tiny_raw)
     assert c.get_run(parent).info.status == "FAILED" and "boom" in c.get_run(parent).data.tags["kdray.error"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_tracking_uri_fails_before_any_trial(tmp_path, tiny_raw, capsys, monkeypatch):
     space = write_space(tmp_path, tiny_raw)
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.perf_counter()
     code = main(["search", str(space), "--storage-path", str(tmp_path / "results"), "--tracking-uri", uri,
                  "--no-progress"])
@@ -322,44 +312,6 @@ def test_unreachable_tracking_uri_fails_before_any_trial(tmp_path, tiny_raw, cap
     assert uri in err and "MLFLOW_TRACKING_URI" in err, err
     assert time.perf_counter() - t0 < 60
     assert not (tmp_path / "results").exists()
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on a free loopback port (SQLite backend, artifacts under tmp_path)."""
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 150
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
-            time.sleep(0.5)
-        yield SimpleNamespace(url=url, artifacts=tmp_path / "server-artifacts", proc=proc)  # proc: to stop it early
-    finally:  # the server and its workers are one process group: end that group only
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        log.close()
 
 
 def test_search_against_a_real_mlflow_server(tmp_path, tiny_raw, mlflow_server):

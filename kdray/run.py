@@ -125,18 +125,18 @@ def check_devices(cfg: ExperimentConfig, student: bool = True) -> None:
     recipe's device (teachers are trained here)."""
     if student:
         check_device(cfg.train.device, "train.device")
-    for field, t in teacher_sections(cfg):
+    for where, t in teacher_sections(cfg):
         if t.recipe is not None:
-            check_device(t.recipe.train.device, f"{field}.recipe.train.device")
+            check_device(t.recipe.train.device, f"{where}.recipe.train.device")
 
 
 def check_data(cfg: ExperimentConfig) -> DataBundle:
     """The experiment's data bundle, and every teacher recipe's, checked for examples, labels and classes."""
     b = make_bundle(cfg.data, cfg.cache_dir)
     check_bundle(b, "data", needs_labels=True)
-    for field, t in teacher_sections(cfg):
+    for where, t in teacher_sections(cfg):
         if t.recipe is not None and t.recipe.data is not None:
-            check_bundle(make_bundle(t.recipe.data, cfg.cache_dir), f"{field}.recipe.data", needs_labels=True)
+            check_bundle(make_bundle(t.recipe.data, cfg.cache_dir), f"{where}.recipe.data", needs_labels=True)
     return b
 
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import TINY
 from mlflow import MlflowClient
-from test_search import SPACE
+from helpers.searches import SPACE
 
 from kdray.cli import main
 from kdray.config import ModelSpec

@@ -8,38 +8,18 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.test_search import SPACE
+from helpers.processes import HOST, free_port, stop_processes
+from helpers.searches import SPACE
 
 
-HOST = "127.0.0.2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def stop_processes(patterns: list[str], grace_s: float = 15) -> None:
-    """SIGTERM the processes whose command line matches, then SIGKILL what is left after ``grace_s``."""
-    for p in patterns:
-        subprocess.run(["pkill", "-f", p], check=False)
-    deadline = time.time() + grace_s
-    while time.time() < deadline and any(subprocess.run(["pgrep", "-f", p], capture_output=True).stdout
-                                         for p in patterns):
-        time.sleep(0.5)
-    for p in patterns:
-        subprocess.run(["pkill", "-9", "-f", p], check=False)
 
 
 @pytest.fixture

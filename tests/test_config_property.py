@@ -18,7 +18,7 @@ import yaml
 from conftest import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_search import SPACE
+from helpers.searches import SPACE
 
 from kdray.config import ExperimentConfig, parse_config, read_yaml
 from kdray.errors import ConfigError

@@ -10,7 +10,7 @@ from typing import Callable, Union
 import pytest
 
 from kdray.search import SearchOptions, run_search
-from test_search import SPACE, write_space
+from helpers.searches import SPACE, write_space
 
 
 Check = Union[str, Callable[[str], bool]]  # a regular expression that must match, or a test of the text

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from test_cluster import HOST, free_port, stop_processes
-from test_search import SPACE, _finished_epochs, write_space
-from test_tracking import all_runs
+from helpers.mlflow_runs import all_runs
+from helpers.processes import HOST, free_port, stop_processes
+from helpers.searches import SPACE, finished_epochs, write_space
 
 from kdray.search import read_results
 from kdray.tracking import PARENT_ID_FILE
@@ -196,13 +196,13 @@ def test_sigterm_kills_the_runs_registers_nothing_and_resume_finishes_under_the_
     assert "RUNNING" not in statuses.values() and "KILLED" in statuses.values(), statuses
     assert "FINISHED" in statuses.values(), statuses
     assert not c.search_registered_models() and not c.search_model_versions()  # nothing half-registered
-    before = _finished_epochs(exp)
+    before = finished_epochs(exp)
     assert 1 <= len(before) < 3
 
     done = subprocess.run(cmd + ["--resume"], env=search_env(), capture_output=True, text=True, timeout=300,
                           start_new_session=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    after = _finished_epochs(exp)
+    after = finished_epochs(exp)
     assert len(after) == 3
     for trial, epochs in before.items():
         assert after[trial] == epochs == [1, 2, 3]  # a finished trial did not run again

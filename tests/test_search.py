@@ -2,43 +2,20 @@
 space validation before any trial, and interrupt + resume without rerunning finished trials."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 from optuna.trial import TrialState
+
+from helpers.searches import SPACE, finished_epochs, write_space
 
 from kdray.cli import main
 from kdray.search import SearchOptions, read_results, run_search
 
-SPACE = {
-    "name": "tiny-search",
-    "base": "base.yaml",
-    "methods": {
-        "hard": [],
-        "kd": [{"method": "kd", "temperature": {"float": [1.0, 8.0], "log": True}}],
-        "probe_kd": [{"method": "probe_kd", "teacher_layers": {"choice": ["relu2", "relu3"]},
-                      "options": {"pooling": {"choice": ["mean", "flatten"]}}}],
-        "fitnet": [{"method": "fitnet", "pair": {"choice": [["relu2", "relu2"], ["relu3", "relu3"]]}}],
-    },
-    "params": {"train.optimizer.lr": {"float": [0.003, 0.03], "log": True}},
-    "search": {"num_trials": 6, "concurrency": 2, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
-}
-
-
-def write_space(tmp_path: Path, raw_base: dict, **changes) -> Path:
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(raw_base))
-    space = json.loads(json.dumps(SPACE))
-    space.update(changes)
-    p = tmp_path / "space.yaml"
-    p.write_text(yaml.safe_dump(space))
-    return p
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -108,17 +85,6 @@ def test_bad_values_in_space_exit_2(tmp_path, tiny_raw, capsys, change, field):
     assert field in capsys.readouterr().err
 
 
-def _finished_epochs(exp: Path) -> dict[str, list[int]]:
-    """trial folder -> the epochs it reported, for trials that reported their last epoch."""
-    out = {}
-    for f in exp.glob("*/result.json"):
-        try:
-            rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        except ValueError:  # read while Ray writes a line: that trial is not finished, or is read next time
-            continue
-        if rows and rows[-1].get("epoch") == rows[-1].get("max_epochs"):
-            out[f.parent.name] = [r["epoch"] for r in rows]
-    return out
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, tiny_raw):
@@ -134,20 +100,20 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
     exp = storage / "tiny-search"
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and len(_finished_epochs(exp)) < 2 and proc.poll() is None:
+        while time.monotonic() < deadline and len(finished_epochs(exp)) < 2 and proc.poll() is None:
             time.sleep(0.5)
-        assert len(_finished_epochs(exp)) >= 2, log.read_text(errors="replace")[-3000:]
+        assert len(finished_epochs(exp)) >= 2, log.read_text(errors="replace")[-3000:]
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
     finally:  # whatever failed above: no search (and its local Ray, same process group) left running
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-    before = _finished_epochs(exp)
+    before = finished_epochs(exp)
     assert 2 <= len(before) < 5
     done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    after = _finished_epochs(exp)
+    after = finished_epochs(exp)
     assert len(after) == 5
     for trial, epochs in before.items():
         assert after[trial] == epochs == [1, 2, 3]  # not one more report: it did not run again

@@ -20,7 +20,8 @@ import torch
 from conftest import TINY, free_port
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from test_search import SPACE, write_space
+from helpers.mlflow_runs import all_runs
+from helpers.searches import SPACE, write_space
 
 from kdray.cli import main
 from kdray.config import parse_config
@@ -41,9 +42,6 @@ def ray_shutdown():
     ray.shutdown()
 
 
-def all_runs(client: MlflowClient, experiment: str) -> list:
-    exp = client.get_experiment_by_name(experiment)
-    return list(client.search_runs([exp.experiment_id], max_results=1000))
 
 
 def artifact_files(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:

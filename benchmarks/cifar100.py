@@ -30,7 +30,7 @@ RepDistiller checkpoint ``{'model': state_dict, ...}``, which is converted to a 
 outputs); without it the teacher is trained once from a recipe with the same schedule and augmentation
 (cached by kdray).
 
-GPU memory: with augmentation the teacher runs live per batch; ``kdray.run.build`` passes the training set
+GPU memory: with augmentation the teacher runs live per batch; ``kdray.experiment.run.build`` passes the training set
 through the teacher up-front only for the probes' layers (Probe-KD: ``layer3``, mean-pooled by the probe).
 
 Usage::
@@ -151,8 +151,8 @@ class TestEvery:
     def __init__(self, cfg, prep, every: int):
         import torch
 
+        from kdray.core.train import resolve_device
         from kdray.models import build_model
-        from kdray.train import resolve_device
 
         self.every, self.epochs = every, cfg.train.epochs
         self.device = resolve_device(cfg.train.device)
@@ -164,7 +164,7 @@ class TestEvery:
         self.torch = torch
 
     def __call__(self, metrics: dict, state_fn) -> None:
-        from kdray.train import accuracy, predict
+        from kdray.core.train import accuracy, predict
 
         epoch = int(metrics["epoch"])
         if epoch % self.every and epoch != self.epochs:
@@ -222,10 +222,10 @@ def main() -> None:
 
     import torch
 
-    from kdray.config import parse_config
+    from kdray.core.train import resolve_device
     from kdray.errors import ConfigError
-    from kdray.run import prepare, run
-    from kdray.train import resolve_device
+    from kdray.experiment.configs import parse_config
+    from kdray.experiment.run import prepare, run
 
     t_start = time.perf_counter()
     out_dir = Path(args.output_dir) if args.output_dir else None

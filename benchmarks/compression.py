@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kdray.config import load_config
-from kdray.run import prepare, run
+from kdray.experiment.configs import load_config
+from kdray.experiment.run import prepare, run
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENTS = {"cnn_small": {"name": "mnist1d_cnn_small", "kwargs": {"channels": 8}},

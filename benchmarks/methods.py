@@ -5,7 +5,7 @@ are the unlabelled transfer set that only the distillation terms see) and each s
 ``mnist1d_cnn_small`` with 8 channels and ``mnist1d_mlp`` with 2 x 100 hidden units), this trains
 
 * the hard-label student (``ce_weight`` 1, no terms);
-* every method registered in ``kdray.methods.METHODS`` at its reference weight (``weight: None``), with
+* every method registered in ``kdray.core.methods.METHODS`` at its reference weight (``weight: None``), with
   sensible layers (table ``LAYERS`` below, else a default by the method's layer kind; a method whose layers do
   not exist for a student, e.g. attention transfer on the MLP, which has no feature maps, is reported as n/a;
   self-distillation methods such as ``self_aux`` get heads on the student's ``relu1``/``relu2``);
@@ -109,7 +109,7 @@ def base_raw(fraction: float, epochs: int, num_samples: int, teacher_epochs: int
 
 def term_for(method: str, student: str, probe: Optional[dict]) -> Optional[dict]:
     """The distillation term of ``method`` for ``student`` at its reference weight; None: not applicable."""
-    from kdray.methods import METHODS
+    from kdray.core.methods import METHODS
 
     kind = METHODS.get(method).layers
     term: dict[str, Any] = {"method": method, "weight": None}
@@ -135,7 +135,8 @@ def term_for(method: str, student: str, probe: Optional[dict]) -> Optional[dict]
 
 def choose_probe(prep) -> dict:
     """Fit a probe on every (teacher layer, pooling) on the labelled examples; best by validation accuracy."""
-    from kdray.teacher import ProbeSpec, fit_probes, teacher_pass
+    from kdray.core.signals import fit_probes, teacher_pass
+    from kdray.experiment.teachers import ProbeSpec
 
     b = prep.bundle
     _, feats = teacher_pass(prep.teacher, b.x_train, PROBE_LAYERS, 1000)
@@ -158,9 +159,9 @@ _PREP = None  # the prepared data and teacher of the current fraction (set befor
 
 
 def one_run(raw: dict) -> dict:
-    from kdray.config import parse_config
     from kdray.errors import ConfigError
-    from kdray.run import run
+    from kdray.experiment.configs import parse_config
+    from kdray.experiment.run import run
 
     t0, c0 = time.perf_counter(), time.process_time()
     try:
@@ -214,7 +215,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
     ap.add_argument("--methods", nargs="+", default=None,
-                    help="hard and/or method names (default: hard and every method in kdray.methods.METHODS)")
+                    help="hard and/or method names (default: hard and every method in kdray.core.methods.METHODS)")
     ap.add_argument("--epochs", type=int, default=30, help="student epochs")
     ap.add_argument("--teacher-epochs", type=int, default=30)
     ap.add_argument("--num-samples", type=int, default=5000, help="MNIST-1D examples generated (80%% train)")
@@ -226,10 +227,11 @@ def main() -> None:
     if args.cache_dir:
         os.environ["KDRAY_CACHE_DIR"] = args.cache_dir
 
-    from kdray.config import ModelSpec, parse_config
-    from kdray.methods import METHODS
+    from kdray.config import ModelSpec
+    from kdray.core.methods import METHODS
+    from kdray.experiment.configs import parse_config
+    from kdray.experiment.run import prepare
     from kdray.models import build_model, count_parameters
-    from kdray.run import prepare
 
     methods = args.methods or ["hard", *METHODS.names()]
     unknown = [m for m in methods if m != "hard" and m not in METHODS]

@@ -98,8 +98,8 @@ def fraction_for(n_labels: int, class_counts: list[int]) -> float:
 
 def probe_table(prep) -> list[dict]:
     """Per teacher layer and pooling: a probe fitted on the labelled examples, its val and test accuracy."""
-    from kdray.probes import accuracy, fit_probe
-    from kdray.teacher import teacher_pass
+    from kdray.core.probes import accuracy, fit_probe
+    from kdray.core.signals import teacher_pass
 
     b = prep.bundle
     lab = b.labelled
@@ -119,9 +119,9 @@ _PREP = None  # the prepared data and teacher of the current label count (set be
 
 
 def one_run(raw: dict) -> dict:
-    from kdray.config import parse_config
     from kdray.errors import ConfigError
-    from kdray.run import run
+    from kdray.experiment.configs import parse_config
+    from kdray.experiment.run import run
 
     t0 = time.perf_counter()
     try:
@@ -181,9 +181,9 @@ def main() -> None:
     if args.cache_dir:
         os.environ["KDRAY_CACHE_DIR"] = args.cache_dir
 
-    from kdray.config import parse_config
     from kdray.data import make_bundle
-    from kdray.run import prepare
+    from kdray.experiment.configs import parse_config
+    from kdray.experiment.run import prepare
 
     t_start = time.perf_counter()
     full = make_bundle(parse_config(experiment_raw(1.0, args)).data)

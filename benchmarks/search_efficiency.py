@@ -189,7 +189,8 @@ def main() -> None:
 
     import ray
 
-    from kdray.search import SearchOptions, init_ray, read_results, run_search
+    from kdray.search.driver import SearchOptions, init_ray, run_search
+    from kdray.search.results import read_results
 
     t_start = time.perf_counter()
     budget = args.trials * args.max_epochs

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from kdray.config import load_config
-from kdray.run import born_again, prepare, run
+from kdray.experiment.configs import load_config
+from kdray.experiment.run import born_again, prepare, run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"hard_label": "configs/mnist1d_hard_label.yaml", "kd": "configs/mnist1d_kd.yaml",

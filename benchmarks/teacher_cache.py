@@ -7,8 +7,8 @@ train the same student, each for ``--epochs`` epochs, interleaved over ``--reps`
 load changes touch each alike:
 
 * ``hard``: hard-label cross-entropy only (no teacher at all);
-* ``kd_cached``: KD (T=4) with the teacher's logits read from the teacher cache (``kdray.cache``);
-* ``kd_live``: the same KD term with the teacher run on every batch (:class:`kdray.teacher.LiveTeacher`).
+* ``kd_cached``: KD (T=4) with the teacher's logits read from the teacher cache (``kdray.core.cache``);
+* ``kd_live``: the same KD term with the teacher run on every batch (:class:`kdray.core.signals.LiveTeacher`).
 
 The time per epoch is the median of the epochs' ``epoch_time_s`` (training pass plus validation), the
 first epoch left out. Also timed: building the cache entry once (teacher over all splits plus writing).
@@ -60,9 +60,9 @@ def flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def epoch_seconds(cfg, prep, mode: str) -> float:
-    from kdray.run import build
-    from kdray.teacher import LiveTeacher
-    from kdray.train import Data, fit, seed_everything
+    from kdray.core.signals import LiveTeacher
+    from kdray.core.train import Data, fit, seed_everything
+    from kdray.experiment.run import build
 
     seed_everything(cfg.seed)
     built = build(cfg, prep, torch.device("cpu"))
@@ -89,9 +89,9 @@ def main() -> None:
     os.environ["KDRAY_CACHE_DIR"] = args.cache_dir or tempfile.mkdtemp(prefix="kdray-cache-bench-")
     torch.set_num_threads(1)  # one trial = one CPU, as in a search
 
-    from kdray.cache import get_cache
-    from kdray.config import parse_config
-    from kdray.run import cache_info, cache_request, prepare
+    from kdray.core.cache import get_cache
+    from kdray.experiment.configs import parse_config
+    from kdray.experiment.run import cache_info, cache_request, prepare
 
     raw = json.loads(json.dumps(RAW))
     raw["train"]["epochs"] = args.epochs

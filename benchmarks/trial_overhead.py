@@ -3,9 +3,9 @@
 The trial trains a small student for 1 epoch on 1000 MNIST-1D samples, without a teacher, so what is
 measured is nearly all overhead. Three ways, on a local Ray using every core of this machine:
 
-* ``function``: a Tune function trainable running ``kdray.run.run`` in its own process (1 CPU);
+* ``function``: a Tune function trainable running ``kdray.experiment.run.run`` in its own process (1 CPU);
 * ``torchtrainer_1`` / ``torchtrainer_2``: a Tune function trainable (the driver, reserving no CPU) that
-  runs ``kdray.distributed.run_torchtrainer_trial`` with 1 or 2 workers of 1 CPU each.
+  runs ``kdray.search.distributed.run_torchtrainer_trial`` with 1 or 2 workers of 1 CPU each.
 
 Each repetition is a fresh ``Tuner`` with one trial; the time is the wall time of ``Tuner.fit()``, i.e.
 everything a trial costs from being scheduled to its result (the trial actor, for TorchTrainer also the
@@ -48,9 +48,9 @@ def main() -> None:
     import ray
     from ray import tune
 
-    from kdray.config import parse_config
-    from kdray.distributed import DRIVER_RESOURCES, run_torchtrainer_trial
-    from kdray.run import prepare, run
+    from kdray.experiment.configs import parse_config
+    from kdray.experiment.run import prepare, run
+    from kdray.search.distributed import DRIVER_RESOURCES, run_torchtrainer_trial
 
     cpus = max(2, os.cpu_count() or 2)
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -99,7 +99,7 @@ def quickstart() -> dict:
     """The quickstart search end to end: trials, statuses, wall time and trials per minute."""
     from pathlib import Path
 
-    from kdray.search import SearchOptions, run_search
+    from kdray.search.driver import SearchOptions, run_search
 
     tmp = Path(tempfile.mkdtemp(prefix="kdray-quickstart-"))
     os.environ["KDRAY_CACHE_DIR"] = str(tmp / "cache")

@@ -50,9 +50,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from kdray.config import load_config
-    from kdray.report import summary_table
-    from kdray.run import run
+    from kdray.experiment.configs import load_config
+    from kdray.experiment.run import run
+    from kdray.report.tables import summary_table
 
     if args.generations < 0:
         raise ConfigError("--generations", args.generations, "0 or more")
@@ -62,13 +62,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_cache_dir(cfg.cache_dir)
     tracker = None
     if args.track:
-        from kdray.train_tracking import TrainTracker
+        from kdray.tracking.train_runs import TrainTracker
 
         tracker = TrainTracker(args.tracking_uri, args.experiment or cfg.name)
         signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the runs KILLED, like Ctrl-C
     if args.generations:
-        from kdray.report import table
-        from kdray.run import born_again
+        from kdray.experiment.run import born_again
+        from kdray.report.tables import table
 
         gens = tracker.born_again(cfg, args.generations, out) if tracker else born_again(cfg, args.generations, out)
         print(table([[g, "teacher" if g == 0 else f"gen{g - 1}", f"{s.test_acc:.4f}", s.output_dir]
@@ -98,14 +98,14 @@ def add_layers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from kdray.config import load_config
-    from kdray.report import layers_table
-    from kdray.run import list_model_layers
+    from kdray.experiment.configs import load_config
+    from kdray.experiment.run import list_model_layers
+    from kdray.report.tables import layers_table
 
     cfg = load_config(args.config, args.overrides)
     acc = None
     if args.probes:
-        from kdray.run import probe_layer_accuracies
+        from kdray.experiment.run import probe_layer_accuracies
 
         acc = probe_layer_accuracies(cfg, args.probes)
     print(layers_table(list_model_layers(cfg, args.which), acc))
@@ -131,11 +131,11 @@ def add_cache(sub: argparse._SubParsersAction) -> None:
 def cmd_cache(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from kdray import cache
+    from kdray.core import cache
 
     if args.cache_cmd == "build":
-        from kdray.run import prepare
-        from kdray.search import search_cache
+        from kdray.experiment.run import prepare
+        from kdray.search.driver import search_cache
 
         cfgs = configs_of(args.path, args.cache_dir)
         prep = prepare(cfgs[0])
@@ -167,8 +167,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def configs_of(path: str, cache_dir: str | None) -> list:
     """The experiment config at ``path``, or for a search space every config its trials can draw."""
-    from kdray.config import load_config, read_yaml
-    from kdray.space import check_space, choice_combinations, load_space
+    from kdray.config import read_yaml
+    from kdray.experiment.configs import load_config
+    from kdray.experiment.space import check_space, choice_combinations, load_space
 
     if cache_dir:
         os.environ["KDRAY_CACHE_DIR"] = cache_dir
@@ -223,7 +224,8 @@ SEARCH_SETTINGS = ("num_trials", "concurrency", "workers_per_trial", "cpus_per_w
 
 def cmd_search(args: argparse.Namespace) -> int:
     from kdray.redact import mask
-    from kdray.search import SearchOptions, run_search, status_counts, top_table
+    from kdray.search.driver import SearchOptions, run_search
+    from kdray.search.results import status_counts, top_table
 
     if args.register_top < 0:
         from kdray.errors import ConfigError
@@ -287,7 +289,7 @@ def add_tracking_uri(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from kdray.model_registry import promote
+    from kdray.tracking.registered_models import promote
 
     mv, before = promote(args.name, args.alias, version=args.version, from_alias=args.from_alias,
                          tracking_uri=args.tracking_uri, force=args.force)
@@ -308,7 +310,7 @@ def add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from kdray.model_registry import list_models
+    from kdray.tracking.registered_models import list_models
 
     df = list_models(args.name, tracking_uri=args.tracking_uri)
     if df.empty:
@@ -332,7 +334,7 @@ def add_results(sub: argparse._SubParsersAction) -> None:
 
 def cmd_results(args: argparse.Namespace) -> int:
     from kdray.errors import ConfigError
-    from kdray.search import read_results
+    from kdray.search.results import read_results
 
     df = read_results(args.experiment, args.storage_path)
     if args.sort:
@@ -355,8 +357,8 @@ def add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from kdray.html_report import write_report
-    from kdray.search import read_results, results_path
+    from kdray.report.html import write_report
+    from kdray.search.results import read_results, results_path
 
     df = read_results(args.experiment, args.storage_path)
     if args.metric not in df.columns:
@@ -373,7 +375,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def render(df, format: str, hide: tuple[str, ...] = ()) -> str:
     """A DataFrame as a terminal table, CSV or JSON records."""
-    from kdray.report import fmt, table
+    from kdray.report.tables import fmt, table
 
     if format == "csv":
         return df.to_csv(index=False).rstrip("\n")

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TINY
-from mlflow import MlflowClient
 from helpers.searches import SPACE
+from mlflow import MlflowClient
 
 from kdray.cli import main
 from kdray.config import ModelSpec
+from kdray.core.checkpoint import save_model
 from kdray.models import build_model
-from kdray.teacher import save_model
 
 TEACHER = {"name": "mnist1d_cnn", "kwargs": {"channels": 16}}
 
@@ -455,9 +455,9 @@ def test_a_search_over_an_earlier_search_of_the_same_name_is_refused(tmp_path, c
 
 
 def test_a_student_is_never_lost_when_its_folder_turns_bad_after_training(tmp_path, tiny_raw):
-    from kdray.config import parse_config
     from kdray.errors import KdrayError
-    from kdray.run import run
+    from kdray.experiment.configs import parse_config
+    from kdray.experiment.run import run
 
     tiny_raw["train"]["epochs"] = 1
     a_file = tmp_path / "a-file"

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from kdray.cache import CacheRequest, entries_root, get_cache, list_entries
 from kdray.cli import main
-from kdray.config import parse_config
-from kdray.probes import ProbeSpec
-from kdray.run import prepare, run
-from kdray.search import SearchOptions, run_search
+from kdray.core.cache import CacheRequest, entries_root, get_cache, list_entries
+from kdray.core.probes import ProbeSpec
+from kdray.experiment.configs import parse_config
+from kdray.experiment.run import prepare, run
+from kdray.search.driver import SearchOptions, run_search
 
 PROBE = ProbeSpec("relu3", "mean", 1e-3, 100)
 REQ = CacheRequest(("relu2",), (PROBE,))
@@ -114,8 +114,7 @@ def test_features_over_the_budget_go_float16_or_stay_uncached(tiny_raw, caplog):
 
 def test_kdray_cache_build_ls_rm(tmp_path, tiny_raw, capsys):
     import yaml
-
-    from test_search import write_space
+    from helpers.searches import write_space
 
     space = write_space(tmp_path, tiny_raw)
     root = str(tmp_path / "c")
@@ -134,7 +133,7 @@ def test_kdray_cache_build_ls_rm(tmp_path, tiny_raw, capsys):
 
 
 def test_a_second_search_builds_nothing(tmp_path, tiny_raw, monkeypatch):
-    from test_search import write_space
+    from helpers.searches import write_space
 
     monkeypatch.setenv("KDRAY_CACHE_DIR", str(tmp_path / "cache"))  # trials (other processes) see it too
     space = write_space(tmp_path, tiny_raw, search={"num_trials": 3, "concurrency": 2, "max_epochs": 1,
@@ -233,7 +232,7 @@ def test_temporary_folders_of_killed_builds_are_swept(cache_root):
     import sys
     import time
 
-    from kdray.cache import _HOST, STALE_TMP_SECONDS
+    from kdray.core.cache import _HOST, STALE_TMP_SECONDS
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

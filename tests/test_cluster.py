@@ -15,11 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers.processes import HOST, free_port, stop_processes
 from helpers.searches import SPACE
-
-
 
 
 @pytest.fixture

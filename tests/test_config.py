@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdray.config import MAX_YAML_VALUES, apply_overrides, load_config, parse_config, parse_yaml, read_yaml
+from kdray.config import MAX_YAML_VALUES, apply_overrides, parse_yaml, read_yaml
 from kdray.errors import ConfigError
+from kdray.experiment.configs import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

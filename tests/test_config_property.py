@@ -16,13 +16,14 @@ from pathlib import Path
 
 import yaml
 from conftest import TINY
+from helpers.searches import SPACE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from helpers.searches import SPACE
 
-from kdray.config import ExperimentConfig, parse_config, read_yaml
+from kdray.config import ExperimentConfig, read_yaml
 from kdray.errors import ConfigError
-from kdray.space import SearchSpace, load_space
+from kdray.experiment.configs import parse_config
+from kdray.experiment.space import SearchSpace, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [TINY] + [read_yaml(p) for p in sorted((ROOT / "configs").glob("*.yaml"))]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kdray.config import DataConfig
-from kdray.data import (CIFAR10_MEAN, CIFAR10_STD, DATASETS, DataBundle, check_data_params, load_raw,
-                        make_bundle)
+from kdray.core.bundle import DataBundle
+from kdray.data import CIFAR10_MEAN, CIFAR10_STD, DATASETS, check_data_params, load_raw, make_bundle
 from kdray.errors import ConfigError
 
 SMALL = {"num_samples": 1000}  # 800 train / 200 test

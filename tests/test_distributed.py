@@ -9,17 +9,15 @@ import pickle
 from pathlib import Path
 
 import pytest
+import ray
 import torch
+from ray import tune
 
-ray = pytest.importorskip("ray")
-from ray import tune  # noqa: E402
-
-from kdray.config import parse_config  # noqa: E402
-from kdray.distributed import (DRIVER_RESOURCES, STATE_FILE, run_torchtrainer_trial,  # noqa: E402
-                               tune_resources_for)
-from kdray.errors import ConfigError  # noqa: E402
-from kdray.models import build_model  # noqa: E402
-from kdray.run import prepare  # noqa: E402
+from kdray.errors import ConfigError
+from kdray.experiment.configs import parse_config
+from kdray.experiment.run import prepare
+from kdray.models import build_model
+from kdray.search.distributed import DRIVER_RESOURCES, STATE_FILE, run_torchtrainer_trial, tune_resources_for
 
 POLL_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRIAL_NAME = "kd-trial"  # the inner Train run's name; the search derives it from the Tune trial id
@@ -135,8 +133,8 @@ def test_a_workers_kdray_error_reaches_the_driver_as_itself():
     # original class with its message and fields.
     from ray.train import WorkerGroupError
 
-    from kdray.distributed import DistributedTrialError, _trial_error
     from kdray.errors import DivergedError
+    from kdray.search.distributed import DistributedTrialError, _trial_error
 
     sent = pickle.loads(pickle.dumps(DivergedError(3, "kd", float("inf"))))
     err = _trial_error("t", 2, WorkerGroupError("worker failed", {1: sent}))

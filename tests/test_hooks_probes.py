@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from kdray.core.hooks import FeatureHooks, check_paths, list_layers, output_shapes
+from kdray.core.probes import accuracy, fit_probe, pool
 from kdray.errors import ConfigError
-from kdray.hooks import FeatureHooks, check_paths, list_layers, output_shapes
-from kdray.probes import fit_probe, pool, accuracy
 
 
 def net() -> nn.Module:

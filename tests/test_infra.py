@@ -117,9 +117,9 @@ def test_readmes_name_only_commands_and_files_that_exist():
 
 
 def test_dashboard_asks_only_for_metrics_kdray_and_ray_export():
-    from kdray import metrics
+    from kdray.search import prometheus as metrics
 
-    source = (ROOT / "kdray/metrics.py").read_text()
+    source = (ROOT / "kdray/search/prometheus.py").read_text()
     exported = set(re.findall(r'(?:Gauge|Counter|Histogram)\("(kdray_\w+)"', source))
     assert exported >= {"kdray_trials", "kdray_epoch_seconds", "kdray_best_val_acc", "kdray_cache_hits"}
     assert set(metrics.STATES) == {"running", "finished", "pruned", "errored"}

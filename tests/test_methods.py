@@ -1,4 +1,4 @@
-"""Unit tests of kdray.methods against values derived independently (by hand, or numpy with loops)."""
+"""Unit tests of kdray.core.methods against values derived independently (by hand, or numpy with loops)."""
 from __future__ import annotations
 
 import math
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from kdray.config import TermConfig
+from kdray.core.methods import METHODS, Method, Signals, build_terms
 from kdray.errors import ConfigError
-from kdray.methods import METHODS, Method, Signals, build_terms
 
 ALL = ["ab", "at", "dkd", "feature_l2", "fitnet", "fsp", "kd", "pkt", "probe_kd", "rkd", "self_aux", "sp"]
 
@@ -354,7 +354,7 @@ def test_rkd_against_loop_reference():
 def test_rkd_angles_match_difference_vectors_with_duplicates_and_gradients():
     """kdray computes RKD angles from the Gram matrix; the direct (B, B, D) unit-difference formulation
     gives the same values and gradients, and a duplicated example gives 0 angles and finite gradients."""
-    from kdray.methods import _angles
+    from kdray.core.methods import _angles
 
     def direct(f):  # RepDistiller's form, but e_ii = 0 without normalize's eps (whose 1/eps gradient, cancelled
         v = f[None, :, :] - f[:, None, :]  # between f_i and -f_i, leaves 1e12-scale rounding noise)
@@ -490,7 +490,7 @@ def gradient_case(method):
               "pairs": {"teacher_layers": ["t1"], "student_layers": ["s1"]},
               "student": {"student_layers": ["s1", "s2"]}}[METHODS.get(method).layers]
     m = make(method, **layers).double()
-    from kdray.methods import LOGITS
+    from kdray.core.methods import LOGITS
 
     m.build({LOGITS: s_logits.shape, **{k: v.shape for k, v in s_feats.items()}}, {k: v.shape for k, v in t_feats.items()})
     m = m.double()
@@ -517,7 +517,7 @@ def test_every_registered_method_is_tested():
 
 def test_self_aux_heads_learn_from_labels_and_the_final_output():
     from kdray.config import TermConfig
-    from kdray.methods import LOGITS, METHODS, Signals
+    from kdray.core.methods import LOGITS, METHODS, Signals
 
     torch.manual_seed(0)
     term = TermConfig(method="self_aux", student_layers=["a", "b"])
@@ -545,8 +545,8 @@ def test_self_aux_heads_learn_from_labels_and_the_final_output():
 
 def test_self_aux_needs_student_layers_and_no_teacher_layers():
     from kdray.config import TermConfig
+    from kdray.core.methods import METHODS
     from kdray.errors import ConfigError
-    from kdray.methods import METHODS
 
     cls = METHODS.get("self_aux")
     with pytest.raises(ConfigError, match="student_layers"):

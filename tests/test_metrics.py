@@ -8,10 +8,9 @@ import urllib.request
 from typing import Callable, Union
 
 import pytest
-
-from kdray.search import SearchOptions, run_search
 from helpers.searches import SPACE, write_space
 
+from kdray.search.driver import SearchOptions, run_search
 
 Check = Union[str, Callable[[str], bool]]  # a regular expression that must match, or a test of the text
 

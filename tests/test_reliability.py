@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 from helpers.mlflow_runs import all_runs
 from helpers.processes import HOST, free_port, stop_processes
 from helpers.searches import SPACE, finished_epochs, write_space
+from mlflow import MlflowClient
 
-from kdray.search import read_results
-from kdray.tracking import PARENT_ID_FILE
+from kdray.search.results import read_results
+from kdray.tracking.client import PARENT_ID_FILE
 
 pytestmark = pytest.mark.slow
 

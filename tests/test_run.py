@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 
-from kdray.config import parse_config
+from kdray.core.checkpoint import read_checkpoint, save_model
+from kdray.core.train import StopTraining
 from kdray.errors import ConfigError, DivergedError
-from kdray.run import prepare, run
-from kdray.teacher import load_model, read_checkpoint, save_model
-from kdray.train import StopTraining
+from kdray.experiment.configs import parse_config
+from kdray.experiment.run import prepare, run
+from kdray.experiment.teachers import load_model
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def test_teacher_recipe_is_cached_by_hash(tiny_raw, prep):
     again = prepare(parse_config(tiny_raw))
     assert again.teacher_info["cached"] is True
     assert again.teacher_info["source"] == prep.teacher_info["source"]
-    from kdray.teacher import recipe_key
+    from kdray.experiment.teachers import recipe_key
 
     assert recipe_key(parse_config(tiny_raw)) == again.teacher_info["recipe_key"]
     tiny_raw["teacher"]["recipe"]["seed"] = 1  # any change to the recipe is a new teacher
@@ -114,7 +115,7 @@ def test_online_scheme_trains_the_teacher_too(tiny_raw, prep):
 def test_online_teacher_step_uses_the_logit_terms_temperature(tiny_raw, prep, terms, temperature, expected):
     from torch.nn import functional as F
 
-    from kdray.train import Distiller, _online_teacher_step
+    from kdray.core.train import Distiller, _online_teacher_step
 
     tiny_raw["distill"].update(scheme="online", temperature=temperature, terms=terms)
     distiller = Distiller(torch.nn.Linear(40, 10), parse_config(tiny_raw).distill)
@@ -177,7 +178,7 @@ def test_pickled_or_missing_checkpoint_is_refused(tiny_raw, tmp_path):
 
 
 def test_pruned_and_int8_students_are_measured_and_saved(tiny_raw, tmp_path):
-    from kdray.compress import quantize_int8
+    from kdray.core.compress import quantize_int8
     from kdray.models import build_model
 
     tiny_raw["student"] = {"name": "mnist1d_mlp", "kwargs": {}}
@@ -217,8 +218,8 @@ def test_self_distillation_runs_without_a_teacher(tiny_raw):
 
 
 def test_a_two_teacher_ensemble_teaches_logits_and_layers_of_either_member(tiny_raw):
-    from kdray.run import list_model_layers
-    from kdray.teacher import TeacherEnsemble
+    from kdray.core.signals import TeacherEnsemble
+    from kdray.experiment.run import list_model_layers
 
     tiny_raw["extra_teachers"] = [{"model": {"name": "mnist1d_cnn", "kwargs": {"channels": 8}}, "weight": 3.0,
                                    "recipe": {"seed": 1, "train": {"epochs": 2, "progress": False}}}]
@@ -247,9 +248,9 @@ def test_a_two_teacher_ensemble_teaches_logits_and_layers_of_either_member(tiny_
 def test_ensemble_weights_mix_cached_member_logits_without_new_cache_entries(tiny_raw, tmp_path):
     """The ensemble's mixing weights are not part of the cached teacher: the cache keeps every member's
     logits and each run mixes them with its own weights, so a search can draw the weights."""
-    from kdray.cache import list_entries
-    from kdray.run import build
-    from kdray.teacher import mix_logits
+    from kdray.core.cache import list_entries
+    from kdray.core.signals import mix_logits
+    from kdray.experiment.run import build
 
     tiny_raw["cache_dir"] = str(tmp_path / "cache")
     tiny_raw["extra_teachers"] = [{"model": {"name": "mnist1d_cnn", "kwargs": {"channels": 8}},

@@ -9,13 +9,12 @@ import sys
 import time
 
 import pytest
+from helpers.searches import SPACE, finished_epochs, write_space
 from optuna.trial import TrialState
 
-from helpers.searches import SPACE, finished_epochs, write_space
-
 from kdray.cli import main
-from kdray.search import SearchOptions, read_results, run_search
-
+from kdray.search.driver import SearchOptions, run_search
+from kdray.search.results import read_results
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -169,7 +168,7 @@ def test_multi_objective_search_finds_a_pareto_front_and_registers_it(tmp_path, 
 def test_ensemble_weight_is_a_search_dimension(tmp_path, tiny_raw):
     """extra_teachers.0.weight drawn per trial: one shared ensemble, one cache entry of member logits, and each
     trial reports the test accuracy of its own mix."""
-    from kdray.cache import list_entries
+    from kdray.core.cache import list_entries
 
     tiny_raw["cache_dir"] = str(tmp_path / "cache")
     tiny_raw["extra_teachers"] = [{"model": {"name": "mnist1d_cnn", "kwargs": {"channels": 8}},

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from kdray.tracking import resolve_tracking_uri
+from kdray.tracking.client import resolve_tracking_uri
 
 pytestmark = pytest.mark.slow
 

@@ -18,18 +18,19 @@ import pandas as pd
 import pytest
 import torch
 from conftest import TINY, free_port
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from helpers.mlflow_runs import all_runs
 from helpers.searches import SPACE, write_space
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from kdray.cli import main
-from kdray.config import parse_config
 from kdray.data import make_bundle
+from kdray.experiment.configs import parse_config
+from kdray.experiment.space import load_space, trial_raw
 from kdray.models import build_model, count_parameters
-from kdray.search import SearchOptions, run_search
-from kdray.space import load_space, trial_raw
-from kdray.tracking import PARENT_ID_FILE, SearchTracker
+from kdray.search.driver import SearchOptions, run_search
+from kdray.tracking.client import PARENT_ID_FILE
+from kdray.tracking.search_runs import SearchTracker
 
 MODEL = "tiny-students"
 
@@ -122,7 +123,7 @@ def test_one_parent_one_child_per_trial_with_epoch_metrics_and_statuses(tracked)
 
 
 def _checkpoint_student(trial_path: str, space_path: Path):
-    """The trial's student rebuilt by hand from its last checkpoint (independent of kdray.model_registry)."""
+    """The trial's student rebuilt by hand from its last checkpoint (independent of kdray.tracking.registered_models)."""
     space, base_raw, base_dir = load_space(space_path)
     folder = Path(trial_path)
     config = json.loads((folder / "params.json").read_text())
@@ -183,7 +184,7 @@ def test_promote_moves_aliases_and_names_what_is_missing(tracked, capsys):
     else:  # only one finished: a second version of the same student, tagged a little worse
         mv = c.get_model_version(MODEL, challenger)
         worse = {**mv.tags, "val_acc": str(float(mv.tags["val_acc"]) - 0.05)}
-        from kdray.tracking import use_tracking_uri
+        from kdray.tracking.client import use_tracking_uri
 
         with use_tracking_uri(uri):  # MLflow resolves the logged model through the global tracking URI
             other = str(c.create_model_version(MODEL, mv.source, run_id=mv.run_id, tags=worse).version)
@@ -227,7 +228,7 @@ def test_promote_moves_aliases_and_names_what_is_missing(tracked, capsys):
 def test_a_failed_registration_leaves_no_model_version(tracked):
     from ray.tune import ExperimentAnalysis, ResultGrid
 
-    from kdray.model_registry import register_trials
+    from kdray.tracking.registered_models import register_trials
 
     c = tracked.client
     space, base_raw, base_dir = load_space(tracked.space)
@@ -403,7 +404,7 @@ def test_an_int8_student_is_registered_and_loads_within_a_point_of_the_float_one
 def test_born_again_generations_are_each_an_mlflow_child_run(tmp_path, tiny_raw, capsys):
     """kdray train --generations 2 --track: generation g is taught by generation g-1's student file (same
     architecture), saved under gen<g>, and logged as a child run of one parent, which plots the generations."""
-    from kdray.teacher import read_checkpoint
+    from kdray.core.checkpoint import read_checkpoint
 
     (tmp_path / "cfg.yaml").write_text(json.dumps(tiny_raw))
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -1,6 +1,6 @@
 """The best students of a search in the MLflow Model Registry, and ``kdray promote``.
 
-A trial's student is rebuilt from its last Tune checkpoint: ``state.pt`` holds the distiller's state
+A trial's student is rebuilt from its last checkpoint (a :class:`FinishedTrial` opens it): ``state.pt`` holds the distiller's state
 dict, in which the student is under ``student.*`` (adapters under ``terms.*``, probes and teacher are
 not in it and are not registered); the architecture comes from the trial's config. It is logged with
 ``mlflow.pytorch.log_model`` in the trial's child run ("pt2" / ``torch.export`` with a batch-of-2 input
@@ -17,15 +17,24 @@ import datetime
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from kdray.core.compress import quantize_int8
+from kdray.core.methods import build_terms
+from kdray.core.train import term_names
 from kdray.errors import ConfigError, KdrayError
+from kdray.experiment.configs import parse_config
+from kdray.experiment.space import _scalar, trial_raw
+from kdray.models import build_model, count_parameters
+from kdray.redact import mask
+from kdray.tracking.client import connect, resolve_tracking_uri, use_tracking_uri
 
 log = logging.getLogger("kdray")
 
@@ -38,6 +47,16 @@ REGISTERED_TAG = "kdray.registered_model"  # on a trial's run: "<registered mode
 # rebuilding a trial's student (plain PyTorch)
 
 
+@dataclass
+class FinishedTrial:
+    """What registration needs of a trial, from whatever ran it (the search driver makes these from Tune's
+    results): its searched values, its last metrics, and its last checkpoint opened as a local folder."""
+
+    config: dict
+    metrics: dict
+    checkpoint: Callable[[], ContextManager[Path]]
+
+
 def student_state(state: dict) -> dict[str, torch.Tensor]:
     """The student's weights from a trial checkpoint's state (``distiller`` keys under ``student.``)."""
     dist = state.get("distiller", {})
@@ -46,8 +65,6 @@ def student_state(state: dict) -> dict[str, torch.Tensor]:
 
 def student_from_checkpoint(ckpt_dir: str | Path, cfg: Any, num_classes: int) -> nn.Module:
     """The trained student of a trial, in eval mode, from its checkpoint folder and its config."""
-    from kdray.models import build_model
-
     path = Path(ckpt_dir) / "state.pt"
     if not path.is_file():
         raise KdrayError(f"checkpoint {ckpt_dir} has no state.pt")
@@ -59,32 +76,13 @@ def student_from_checkpoint(ckpt_dir: str | Path, cfg: Any, num_classes: int) ->
     return model.eval()
 
 
-@contextlib.contextmanager
-def trial_checkpoint(result: Any) -> Iterator[Path]:
-    """A local folder holding a Tune result's last checkpoint (downloaded when on remote storage)."""
-    from ray.tune import Checkpoint
-
-    ckpt = result.checkpoint
-    if ckpt is None and (result.metrics or {}).get("checkpoint_path"):  # a Ray Train (multi-worker) trial
-        ckpt = Checkpoint(result.metrics["checkpoint_path"])
-    if ckpt is None:
-        raise KdrayError(f"trial {result.path} has no checkpoint")
-    with ckpt.as_directory() as d:
-        yield Path(d)
-
-
 def trial_config(tracker: Any, values: dict) -> Any:
-    from kdray.config import parse_config
-    from kdray.space import trial_raw
 
     return parse_config(trial_raw(tracker.space, tracker.base_raw, values), tracker.base_dir)
 
 
 def describe_terms(cfg: Any) -> dict[str, str]:
     """Methods, layers, temperatures and weights of a config's distillation terms, as tag values."""
-    from kdray.methods import build_terms
-    from kdray.train import term_names
-
     built = build_terms(cfg.distill.terms, cfg.distill.temperature)
     names = term_names([t.method for t, _, _ in built])
     layers = [f"{n}: {','.join(t.teacher_layers) or '-'} -> {','.join(t.student_layers) or '-'}"
@@ -108,7 +106,6 @@ def log_student(model: nn.Module, example: np.ndarray, run_id: str, uri: str) ->
     import mlflow
     from mlflow.models import infer_signature
 
-    from kdray.tracking import use_tracking_uri
 
     model = model.eval()
     with torch.no_grad():
@@ -130,7 +127,7 @@ def log_student(model: nn.Module, example: np.ndarray, run_id: str, uri: str) ->
         return info, "pickle"
 
 
-def register_trials(tracker: Any, grid: Any, table: pd.DataFrame, top: int, name: str,
+def register_trials(tracker: Any, trials: dict[str, FinishedTrial], table: pd.DataFrame, top: int, name: str,
                     example: np.ndarray, alias: str = CHALLENGER) -> list[dict]:
     """Register the students of the ``top`` best finished trials as versions of ``name``.
 
@@ -138,14 +135,13 @@ def register_trials(tracker: Any, grid: Any, table: pd.DataFrame, top: int, name
     under ``name`` (a resumed search) keeps its version. All or nothing: on failure, the versions and the
     registered model created here are deleted and the error is raised.
     """
-    from kdray.tracking import use_tracking_uri
 
     # MLflow's SQL registry store looks logged models up through the global tracking URI
     with use_tracking_uri(tracker.uri):
-        return _register_trials(tracker, grid, table, top, name, example, alias)
+        return _register_trials(tracker, trials, table, top, name, example, alias)
 
 
-def _register_trials(tracker: Any, grid: Any, table: pd.DataFrame, top: int, name: str, example: np.ndarray,
+def _register_trials(tracker: Any, results: dict[str, FinishedTrial], table: pd.DataFrame, top: int, name: str, example: np.ndarray,
                      alias: str) -> list[dict]:
     from mlflow.exceptions import MlflowException
 
@@ -157,7 +153,6 @@ def _register_trials(tracker: Any, grid: Any, table: pd.DataFrame, top: int, nam
         log.warning("no finished trial: nothing to register")
         return []
     fin = fin.sort_values(metric, ascending=space.mode == "min", na_position="last").head(top)
-    results = {str((r.metrics or {}).get("trial_id") or Path(r.path).name): r for r in grid}
     created_model = False
     created: list[str] = []  # versions, logged model ids and tagged runs made here: undone on failure
     logged: list[str] = []
@@ -189,18 +184,15 @@ def _register_trials(tracker: Any, grid: Any, table: pd.DataFrame, top: int, nam
             else:
                 values = dict(results[tid].config or {})
                 cfg = trial_config(tracker, values)
-                with trial_checkpoint(results[tid]) as d:
+                with results[tid].checkpoint() as d:
                     student = student_from_checkpoint(d, cfg, tracker.num_classes)
-                from kdray.models import count_parameters
 
                 n_params = count_parameters(student)
                 if cfg.export.quantize:  # the trial exported int8: that is the student to ship
-                    from kdray.compress import quantize_int8
 
                     student = quantize_int8(student)
                 info, fmt = log_student(student, example, run_id, tracker.uri)
                 logged.append(info.model_id)
-                from kdray.search import _scalar
 
                 tags = {"teacher": tracker.teacher, "method": str(_scalar(values.get("method", "-"))),
                         **describe_terms(cfg), metric: _fmt(row.get(metric)), "val_acc": _fmt(row.get("val_acc")),
@@ -278,7 +270,6 @@ def promote(name: str, alias: str, version: Optional[str] = None, from_alias: Op
     """
     from mlflow.exceptions import MlflowException
 
-    from kdray.tracking import connect
 
     client = connect(tracking_uri)
     model = registered_model(client, name, tracking_uri)
@@ -324,8 +315,6 @@ def registered_model(client: Any, name: str, tracking_uri: Optional[str]) -> Any
     """The registered model ``name``, or a ConfigError listing the models that exist."""
     from mlflow.exceptions import MlflowException
 
-    from kdray.redact import mask
-    from kdray.tracking import resolve_tracking_uri
 
     try:
         return client.get_registered_model(name)
@@ -361,7 +350,6 @@ def _now() -> str:
 def list_models(name: Optional[str] = None, tracking_uri: Optional[str] = None) -> pd.DataFrame:
     """One row per version of ``name`` (or of every registered model): aliases, key metrics, created."""
 
-    from kdray.tracking import connect
 
     client = connect(tracking_uri)
     models = ([registered_model(client, name, tracking_uri)] if name is not None

@@ -17,6 +17,8 @@ from typing import Optional
 
 from ray.tune import Callback
 
+from kdray.experiment.status import trial_status
+
 EPOCH_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
 STATES = ("running", "finished", "pruned", "errored")
 
@@ -77,7 +79,7 @@ class SearchMetrics(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
         self.counts["running"] = max(0, self.counts["running"] - 1)
-        self.counts["pruned" if last.get("epoch", 0) < last.get("max_epochs", 0) else "finished"] += 1
+        self.counts["pruned" if trial_status(last) == "pruned" else "finished"] += 1
         self._publish()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:

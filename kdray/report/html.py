@@ -1,7 +1,7 @@
 """``kdray report``: one self-contained HTML file about a search, for people without the MLflow UI at hand.
 
 It holds the counts by status, the best trial, the top trials, every trial, and the plots of
-:mod:`kdray.plots` (PNG embedded as base64; the interactive parallel-coordinates view inlined with its
+:mod:`kdray.report.plots` (PNG embedded as base64; the interactive parallel-coordinates view inlined with its
 JavaScript when plotly is installed). Nothing is fetched when the file is opened.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from kdray import __version__
-from kdray.plots import search_plots
+from kdray.report.plots import search_plots
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:13px}
 td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}h1{margin-bottom:0}

@@ -38,10 +38,10 @@ import torch
 from torch import nn
 
 from kdray.config import stable_hash
-from kdray.data import DataBundle
-from kdray.hooks import FeatureHooks
+from kdray.core.bundle import DataBundle
+from kdray.core.hooks import FeatureHooks
+from kdray.core.probes import Probe, ProbeReport, ProbeSpec, fit_probe, pool
 from kdray.paths import cache_dir
-from kdray.probes import Probe, ProbeReport, ProbeSpec, fit_probe, pool
 
 log = logging.getLogger("kdray")
 

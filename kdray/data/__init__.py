@@ -36,14 +36,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kdray.config import DataConfig, stable_hash
+from kdray.core.bundle import Augment, DataBundle
 from kdray.errors import ConfigError
-from kdray.paths import atomic_write_bytes, cache_dir as default_cache_dir
-from kdray.registry import Registry
+from kdray.paths import atomic_write_bytes
+from kdray.paths import cache_dir as default_cache_dir
+from kdray.plugins import Registry
 
 __all__ = ["DATASETS", "RawData", "DataBundle", "make_bundle", "check_data_params", "load_raw",
            "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "RestrictedUnpickler"]
 
-Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 DATASETS: Registry[Callable[..., "RawData"]] = Registry("dataset")
 
 HF_INSTALL_HINT = "pip install 'kdray[hf]' (needs the optional datasets and transformers packages)"
@@ -60,33 +61,6 @@ class RawData:
     num_classes: int
     augment: Optional[Augment]
     meta: dict = field(default_factory=dict)
-
-
-@dataclass
-class DataBundle:
-    """Train (partly labelled), validation and test tensors ready for training.
-
-    ``y_train`` is -1 where an example is unlabelled (``labelled`` is False there); ``x_train`` keeps
-    every training example so methods can use the unlabelled ones. ``fingerprint`` identifies the data
-    and the split (not the augmentation).
-    """
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    labelled: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    num_classes: int
-    augment: Optional[Augment]
-    name: str
-    fingerprint: str
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def n_labelled(self) -> int:
-        return int(self.labelled.sum())
 
 
 class Params(BaseModel):

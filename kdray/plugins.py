@@ -1,6 +1,6 @@
 """Name -> factory registries.
 
-kdray has exactly three: ``METHODS`` (distillation terms, in :mod:`kdray.methods`), ``MODELS``
+kdray has exactly three: ``METHODS`` (distillation terms, in :mod:`kdray.core.methods`), ``MODELS``
 (in :mod:`kdray.models`) and ``DATASETS`` (in :mod:`kdray.data`). A registry is a dict with a
 decorator and an error that lists what is allowed when a name is unknown.
 """

@@ -4,12 +4,13 @@ Optuna TPE (through Ray's ``OptunaSearch``, capped by a ``ConcurrencyLimiter``) 
 space's define-by-run function; ASHA stops weak ones early on the validation metric. Trials that ASHA
 stops are told to Optuna as PRUNED (with their per-epoch values), not as complete with a truncated
 score. One worker per trial runs the core loop in a plain function trainable; more workers launch a
-Ray Train ``TorchTrainer`` (see :mod:`kdray.distributed`). Data and teacher are prepared once, put in
+Ray Train ``TorchTrainer`` (see :mod:`kdray.search.distributed`). Data and teacher are prepared once, put in
 the object store once, and every trial gets a reference.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -19,28 +20,31 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pandas as pd
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from kdray.config import parse_config
+from kdray.config import config_error_from
+from kdray.core.cache import get_cache
 from kdray.errors import ConfigError, KdrayError, first_line
+from kdray.experiment.configs import parse_config
+from kdray.experiment.run import cache_info, cache_request, prepare, run
+from kdray.experiment.space import (DefineByRun, SearchSettings, SearchSpace, check_space, choice_combinations,
+                                    initial_points, load_space, trial_raw)
+from kdray.experiment.status import trial_status
 from kdray.paths import check_cache_dir, check_writable_dir
 from kdray.redact import mask
-from kdray.space import (DefineByRun, SearchSettings, SearchSpace, check_space, choice_combinations, dimensions,
-                         initial_points, load_space, trial_raw)
+from kdray.search.prometheus import SearchMetrics
+from kdray.search.results import RESULTS_FILE, default_storage, read_results, results_frame, top_table
 
 log = logging.getLogger("kdray")
-
-RESULTS_FILE = "results.parquet"
 
 
 @dataclass
 class SearchOptions:
     """Command-line options; None means "the space file's ``search`` settings"."""
-
     address: Optional[str] = None  # None: a local Ray; "auto"; "ray://host:10001"; "host:port"
     storage_path: Optional[str] = None  # local folder, s3://, gs://, or an NFS path
     resume: bool = False
@@ -59,7 +63,6 @@ class SearchOptions:
 def settings_with(space: SearchSpace, overrides: dict[str, Any]) -> SearchSettings:
     from pydantic import ValidationError
 
-    from kdray.config import config_error_from
 
     merged = space.search.model_dump() | {k: v for k, v in overrides.items() if v is not None}
     try:
@@ -67,10 +70,6 @@ def settings_with(space: SearchSpace, overrides: dict[str, Any]) -> SearchSettin
     except ValidationError as e:
         err = config_error_from(e, root=SearchSettings)
         raise ConfigError(f"--{err.field.replace('_', '-')}", err.value, err.allowed) from None
-
-
-def default_storage() -> str:
-    return str(Path("kdray_results").resolve())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,7 +199,7 @@ class PruningAwareOptunaSearch(OptunaSearch):
         value = (result or {}).get(self.metric)
         if error or value is None or not math.isfinite(float(value)):
             state, value = (TrialState.FAIL, None) if error or value is not None else (TrialState.PRUNED, None)
-        elif int(result.get("epoch", 0)) < int(result.get("max_epochs", 0)):
+        elif trial_status(result) == "pruned":
             state, value = TrialState.PRUNED, None
         else:
             state = TrialState.COMPLETE
@@ -245,7 +244,6 @@ def trial(config: dict, *, shared: list, space_raw: dict, base_raw: dict, base_d
     import torch
     from ray import tune
 
-    from kdray.run import run
 
     space = SearchSpace.model_validate(space_raw)
     raw = trial_raw(space, base_raw, config)
@@ -254,7 +252,7 @@ def trial(config: dict, *, shared: list, space_raw: dict, base_raw: dict, base_d
         raw.setdefault("export", {})["measure_latency"] = True
     prep_ref = shared[0]
     if workers > 1:
-        from kdray.distributed import run_torchtrainer_trial
+        from kdray.search.distributed import run_torchtrainer_trial
 
         run_torchtrainer_trial(raw, prep_ref, num_workers=workers, cpus_per_worker=cpus_per_worker,
                                gpus_per_worker=gpus_per_worker, name=f"train-{tune.get_context().get_trial_id()}",
@@ -288,7 +286,6 @@ def _progress_callback(total: int, metric: str, mode: str, enabled: bool):
 
     class Progress(Callback):
         """One bar over trials: done / running / pruned / errored and the best value so far."""
-
         def __init__(self) -> None:
             self.bar = tqdm(total=total, desc="trials", unit="trial", disable=not enabled, dynamic_ncols=True)
             self.running, self.pruned, self.errored = set(), 0, 0
@@ -311,8 +308,7 @@ def _progress_callback(total: int, metric: str, mode: str, enabled: bool):
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             self.running.discard(trial.trial_id)
-            last = trial.last_result or {}
-            if last.get("epoch", 0) < last.get("max_epochs", 0):
+            if trial_status(trial.last_result) == "pruned":
                 self.pruned += 1
             self.bar.update(1)
             self._show()
@@ -327,89 +323,6 @@ def _progress_callback(total: int, metric: str, mode: str, enabled: bool):
             self.bar.close()
 
     return Progress()
-
-
-def results_frame(result_grid, space: SearchSpace) -> pd.DataFrame:
-    """One row per trial: status, the searched values, final and best metrics, epochs, error."""
-    rows = []
-    dims = dimensions(space)
-    for r in result_grid:
-        last = dict(r.metrics or {})
-        hist = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
-        cfg = r.config or {}
-        epochs = int(last.get("epoch", 0) or 0)
-        max_epochs = int(last.get("max_epochs", 0) or 0)
-        if r.error is not None:
-            status = "failed"
-        elif epochs and epochs < max_epochs:
-            status = "pruned"
-        elif epochs:
-            status = "finished"
-        else:
-            status = "killed"
-        row = {"trial_id": last.get("trial_id") or Path(r.path).name, "status": status,
-               **{f"param.{k}": _scalar(cfg.get(k)) for k in dims},
-               "epochs": epochs, "max_epochs": max_epochs,
-               space.metric: last.get(space.metric),
-               f"best_{space.metric}": (hist[space.metric].max() if space.mode == "max" else hist[space.metric].min())
-               if space.metric in hist else None,
-               "test_acc": last.get("test_acc"), "teacher_agreement": last.get("teacher_agreement"),
-               "probe_val_acc": last.get("probe_val_acc"),
-               **({"teacher_test_acc": last["teacher_test_acc"]} if "teacher_test_acc" in last else {}),  # ensembles
-               **{o.metric: last.get(o.metric) for o in space.objectives if o.metric != space.metric},
-               "epoch_time_s": hist["epoch_time_s"].mean() if "epoch_time_s" in hist else None,
-               "error": str(r.error).strip().splitlines()[-1][:300] if r.error is not None else None,
-               "path": r.path}
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    if space.objectives and not df.empty:
-        df["pareto"] = pareto_mask(df, space.metrics, space.modes)
-    if not df.empty:
-        df = df.sort_values(space.metric, ascending=space.mode == "min", na_position="last").reset_index(drop=True)
-    return df
-
-
-def pareto_mask(df: pd.DataFrame, metrics: list[str], modes: list[str]) -> list[bool]:
-    """True for finished trials no other finished trial beats on every objective (and strictly on one)."""
-    fin = (df["status"] == "finished") & df[metrics].notna().all(axis=1)
-    signs = [1.0 if m == "max" else -1.0 for m in modes]  # compare as "higher is better"
-    pts = {i: [s * float(df.at[i, c]) for s, c in zip(signs, metrics)] for i in df.index[fin]}
-    front = {i for i, p in pts.items()
-             if not any(all(q[k] >= p[k] for k in range(len(p))) and q != p for j, q in pts.items() if j != i)}
-    return [i in front for i in df.index]
-
-
-def _scalar(v: Any) -> Any:
-    from kdray.space import _decode
-
-    v = _decode(v)
-    return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
-
-
-def read_results(experiment: str, storage_path: Optional[str] = None) -> pd.DataFrame:
-    """The results table of a finished search, by experiment folder or by name under the storage path; a file
-    that is not such a table is refused naming it."""
-    path = results_path(experiment, storage_path)
-    try:
-        df = pd.read_parquet(path)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-        raise ConfigError("EXPERIMENT", str(path), f"a readable {RESULTS_FILE} written by kdray search (reading it "
-                                                   f"failed: {first_line(e)})") from None
-    missing = [c for c in ("trial_id", "status") if c not in df.columns]
-    if missing:
-        raise ConfigError("EXPERIMENT", str(path), f"a {RESULTS_FILE} written by kdray search (it lacks the columns "
-                                                   f"{', '.join(missing)})")
-    return df
-
-
-def results_path(experiment: str, storage_path: Optional[str] = None) -> Path:
-    p = Path(experiment)
-    candidates = [p / RESULTS_FILE, p, Path(storage_path or default_storage()) / experiment / RESULTS_FILE]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise ConfigError("EXPERIMENT", experiment, f"a search folder holding {RESULTS_FILE} or a search name under "
-                                                f"{storage_path or default_storage()}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -429,8 +342,6 @@ class SearchOutcome:
 
 def hard_label_baseline(space: SearchSpace, base_raw: dict, base_dir: Path, prep, max_epochs: int) -> dict:
     """The student of the base config trained on the labels alone, for comparison with the trials."""
-    from kdray.run import run
-
     raw = trial_raw(space.model_copy(update={"methods": {}, "params": {}}), base_raw, {})
     raw.setdefault("distill", {}).update({"terms": [], "ce_weight": 1.0, "scheme": "offline"})
     raw.setdefault("train", {}).update({"epochs": max_epochs, "progress": False})
@@ -457,14 +368,13 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
     max_epochs = s.max_epochs or first.train.epochs
     tracker = None
     if opts.tracking:  # the tracking URI must answer before any trial (or teacher training) starts
-        from kdray.tracking import search_tracker
+        from kdray.tracking.search_runs import search_tracker
 
         tracker = search_tracker(opts.tracking_uri, opts.experiment or space.name, space, base_raw, base_dir)
 
     import ray
     from ray import tune
 
-    from kdray.run import prepare
 
     init_ray(opts.address, opts.num_cpus)
     try:
@@ -487,11 +397,10 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
     if s.workers_per_trial == 1:
         resources: Any = {"cpu": s.cpus_per_worker, "gpu": s.gpus_per_worker}
     else:
-        from kdray.distributed import tune_resources_for
+        from kdray.search.distributed import tune_resources_for
 
         resources = tune_resources_for(s.workers_per_trial, s.cpus_per_worker, s.gpus_per_worker)
     trainable = tune.with_resources(trainable, resources)
-    from kdray.metrics import SearchMetrics
 
     metrics = SearchMetrics(space.name, space.metric, space.mode)
     if prep.cache is not None:
@@ -502,7 +411,7 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
     registered: list = []
     try:
         if tracker is not None:
-            from kdray.tracking import MlflowSearchCallback
+            from kdray.tracking.tune_callback import MlflowSearchCallback
 
             tracker.start(exp_path, resume=opts.resume, settings=s.model_dump(mode="json"), space_path=space_path,
                           ray_address=opts.address, teacher_info=prep.teacher_info,
@@ -533,11 +442,11 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
                     if opts.baseline and not unfinished else None)
         if tracker is not None:
             example = prep.bundle.x_test[:2].numpy()  # batch > 1: the exported model keeps a dynamic batch
-            from kdray.tracking import _env
+            from kdray.tracking.client import _env
 
             try:
                 with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_TIMEOUT="30"):
-                    table, registered = tracker.finish(grid, table, register_top=opts.register_top,
+                    table, registered = tracker.finish(finished_trials(grid), table, register_top=opts.register_top,
                                                        input_example=example, register_pareto=opts.register_pareto,
                                                        registered_model=space.registered_model, baseline=baseline,
                                                        expected_trials=s.num_trials)
@@ -591,8 +500,6 @@ def sigterm_stops_tune():
 def search_cache(corners: list, prep: Any) -> Any:
     """The teacher-output cache entry covering every corner of the space (built now when missing), or None
     when the search has no teacher, augments its inputs, or turned the cache off."""
-    from kdray.cache import get_cache
-    from kdray.run import cache_info, cache_request
 
     cfg = corners[0]
     if prep.teacher is None or prep.bundle.augment is not None or not cfg.teacher_cache.enabled:
@@ -650,6 +557,29 @@ def _remove(path: str) -> None:
     fs.delete_dir(p)
 
 
+@contextlib.contextmanager
+def trial_checkpoint(result: Any) -> Iterator[Path]:
+    """A local folder holding a Tune result's last checkpoint (downloaded when on remote storage)."""
+    from ray.tune import Checkpoint
+
+    ckpt = result.checkpoint
+    if ckpt is None and (result.metrics or {}).get("checkpoint_path"):  # a Ray Train (multi-worker) trial
+        ckpt = Checkpoint(result.metrics["checkpoint_path"])
+    if ckpt is None:
+        raise KdrayError(f"trial {result.path} has no checkpoint")
+    with ckpt.as_directory() as d:
+        yield Path(d)
+
+
+def finished_trials(grid: Any) -> dict:
+    """Tune's results as the plain records MLflow registration reads (it knows nothing of Tune)."""
+    from kdray.tracking.registered_models import FinishedTrial
+
+    return {str((r.metrics or {}).get("trial_id") or Path(r.path).name):
+            FinishedTrial(dict(r.config or {}), dict(r.metrics or {}), functools.partial(trial_checkpoint, r))
+            for r in grid}
+
+
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -669,20 +599,6 @@ def _exists(path: str) -> bool:
 
     fs, p = pafs.FileSystem.from_uri(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
-
-
-def top_table(df: pd.DataFrame, metric: str, n: int = 10) -> str:
-    from kdray.report import fmt, table
-
-    cols = ["trial_id", "status", *[c for c in df.columns if c.startswith("param.")], metric, f"best_{metric}",
-            "test_acc", "epochs", "model_version"]
-    cols = [c for c in cols if c in df.columns]
-    rows = [[fmt(v) for v in r] for r in df[cols].head(n).itertuples(index=False)]
-    return table(rows, [c.removeprefix("param.") for c in cols])
-
-
-def status_counts(df: pd.DataFrame) -> dict[str, int]:
-    return {k: int(v) for k, v in df["status"].value_counts().items()} if not df.empty else {}
 
 
 __all__ = ["SearchOptions", "run_search", "read_results", "top_table", "KdrayError"]

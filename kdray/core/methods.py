@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from kdray.config import Strict, TermConfig, config_error_from
 from kdray.errors import ConfigError
-from kdray.registry import Registry
+from kdray.plugins import Registry
 
 METHODS: Registry[type["Method"]] = Registry("method")
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from kdray.config import ModelSpec
 from kdray.errors import ConfigError
-from kdray.registry import Registry
+from kdray.plugins import Registry
 
 __all__ = [
     "MODELS", "build_model", "check_model_spec", "count_parameters", "resolve_factory",

@@ -9,9 +9,9 @@ rank 0's metrics (and the checkpoint path, as ``checkpoint_path``) to Tune throu
 
 What each rank does:
 
-* takes its shard of the training indices (``kdray.train.fit`` gives every rank the same number of
+* takes its shard of the training indices (``kdray.core.train.fit`` gives every rank the same number of
   examples, so every rank runs the same number of steps and DDP's all-reduces line up);
-* wraps only the :class:`~kdray.train.Distiller` (student + adapters) in DDP; the frozen teacher, its
+* wraps only the :class:`~kdray.core.train.Distiller` (student + adapters) in DDP; the frozen teacher, its
   precomputed outputs and the probes are the same on every rank and stay unwrapped;
 * calls ``ray.train.report`` once per epoch (a barrier: every rank, the same number of times), with a
   checkpoint (``state.pt``) from rank 0 only;
@@ -39,8 +39,10 @@ from typing import Any, Optional
 
 import torch
 
-from kdray.config import ExperimentConfig, parse_config
+from kdray.config import ExperimentConfig
 from kdray.errors import ConfigError, KdrayError
+from kdray.experiment.configs import parse_config
+from kdray.experiment.run import run
 
 log = logging.getLogger("kdray")
 
@@ -157,7 +159,7 @@ def _load_start_state() -> Optional[dict[str, Any]]:
 def worker_loop(config: dict) -> None:
     """``train_loop_per_worker`` of the TorchTrainer: train, report and checkpoint one trial on this rank.
 
-    ``config``: ``raw`` (the trial's experiment config dict), ``prep`` (a :class:`kdray.run.Prepared`, or
+    ``config``: ``raw`` (the trial's experiment config dict), ``prep`` (a :class:`kdray.experiment.run.Prepared`, or
     an ObjectRef to one so it crosses the object store once) and ``max_epochs`` (overrides
     ``train.epochs`` when not None).
     """
@@ -166,7 +168,6 @@ def worker_loop(config: dict) -> None:
     import ray.train.torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from kdray.run import run
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -220,7 +221,7 @@ def run_torchtrainer_trial(raw: dict, prep_ref: Any, *, num_workers: int, cpus_p
     ``name`` names the Train run under ``storage_path``: derive it from the Tune trial id (no timestamp) so
     that a restarted trial resumes from the run's last checkpoint. ``storage_path`` must be shared storage
     (NFS, s3://, gs://) on a multi-node cluster. ``prep_ref`` is an ObjectRef to a
-    :class:`kdray.run.Prepared` (a Prepared is put in the object store here). ``max_epochs`` overrides
+    :class:`kdray.experiment.run.Prepared` (a Prepared is put in the object store here). ``max_epochs`` overrides
     ``train.epochs`` when not None.
 
     Worker failures are retried ``max_failures`` times from the last checkpoint (default 0: kdray's own

@@ -23,9 +23,12 @@ from typing import Any, Iterator, Literal, Optional
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from kdray.config import (ExperimentConfig, Strict, check_run_name, config_error_from, parse_config, read_yaml,
-                          set_dotted)
+from kdray.config import ExperimentConfig, Strict, check_run_name, config_error_from, read_yaml, set_dotted
+from kdray.core.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
 from kdray.errors import ConfigError
+from kdray.experiment.configs import parse_config
+from kdray.experiment.preflight import check_data, check_devices, check_models
+from kdray.experiment.teachers import ensemble_architecture, load_model
 
 DIM_KEYS = {"choice", "float", "int", "log", "step"}
 
@@ -74,7 +77,7 @@ def _decode(v: Any) -> Any:
     return json.loads(v[5:]) if isinstance(v, str) and v.startswith("json:") else v
 
 
-# the only teacher settings a search may vary: the mixing weights of an ensemble (kdray.teacher.TeacherEnsemble
+# the only teacher settings a search may vary: the mixing weights of an ensemble (kdray.core.signals.TeacherEnsemble
 # mixes cached member outputs per trial, so the teachers themselves stay shared)
 MIX_WEIGHT = re.compile(r"teacher\.weight|extra_teachers\.\d+\.weight")
 
@@ -85,7 +88,6 @@ def is_dim(v: Any) -> bool:
 
 class SearchSettings(Strict):
     """Defaults for ``kdray search`` options (the command line overrides them)."""
-
     num_trials: int = Field(16, ge=1)
     concurrency: int = Field(2, ge=1)
     max_epochs: Optional[int] = Field(None, ge=1)  # default: the base config's train.epochs
@@ -110,7 +112,6 @@ OBJECTIVE_METRICS = ("student_params", "latency_ms", "student_gzip_bytes", "val_
 
 class Objective(Strict):
     """A further objective of a multi-objective search (the first is the space's ``metric``)."""
-
     metric: Literal[OBJECTIVE_METRICS]  # type: ignore[valid-type]
     mode: Literal["max", "min"] = "min"
 
@@ -350,14 +351,12 @@ def choice_combinations(space: SearchSpace, base_raw: dict, base_dir: Path, limi
 
 def check_space(space: SearchSpace, base_raw: dict, base_dir: Path, trial_gpus: float = 0) -> list[ExperimentConfig]:
     """Validate every corner of the space (config rules; then devices, data, models and layers on one batch of
-    real inputs, as :func:`kdray.run.check_experiment` does for one run). ``trial_gpus`` > 0: trials run where
+    real inputs, as :func:`kdray.experiment.preflight.check_experiment` does for one run). ``trial_gpus`` > 0: trials run where
     GPUs are, so their ``train.device`` is not checked against this machine.
 
     Returns the parsed configs of the corners, the first corner first. Raises ConfigError naming the space
     field.
     """
-    from kdray.run import check_data, check_devices, check_models
-    from kdray.teacher import ensemble_architecture
 
     checked: list[ExperimentConfig] = []
     for field, values in corner_values(space):
@@ -393,7 +392,6 @@ def _checkpoint_teacher(cfg: ExperimentConfig, num_classes: int) -> Any:
     """Teacher checkpoints read before any tracking, Ray or cache work, so that a missing, corrupt or pickled file
     stops the search here. A single teacher from a checkpoint is returned as loaded (None otherwise): the layer
     checks then see its real output classes (a teacher of other classes than the data cannot do logit KD)."""
-    from kdray.teacher import CHECKPOINT_FORMAT, load_model, read_checkpoint
 
     extra = list(getattr(cfg, "extra_teachers", None) or [])
     for i, t in enumerate(extra):
@@ -408,3 +406,8 @@ def _checkpoint_teacher(cfg: ExperimentConfig, num_classes: int) -> Any:
 
 def _describe(cfg: ExperimentConfig) -> str:
     return "; ".join(f"{t.method} t={t.teacher_layers} s={t.student_layers}" for t in cfg.distill.terms) or "no terms"
+
+
+def _scalar(v: Any) -> Any:
+    v = _decode(v)
+    return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)

@@ -1,4 +1,4 @@
-"""Plots of a search's trials table (the :func:`kdray.search.results_frame` DataFrame), and of born-again
+"""Plots of a search's trials table (the :func:`kdray.search.driver.results_frame` DataFrame), and of born-again
 generations.
 
 Pure functions: a DataFrame in, one file out (PNG with matplotlib's object API, no pyplot global state;

@@ -7,10 +7,10 @@ as artifacts (``student/``) and ends FINISHED, or FAILED (an error) / KILLED (Ct
 error as tag ``kdray.error``. The born-again parent also gets ``generation_test_acc`` (step = generation)
 and a plot of test accuracy by generation. Runs are written with :class:`mlflow.MlflowClient` and explicit
 run ids only; the URI and the experiment (not deleted) are checked before any training
-(:func:`kdray.tracking.connect`, :func:`kdray.tracking.active_experiment`).
+(:func:`kdray.tracking.search_runs.connect`, :func:`kdray.tracking.search_runs.active_experiment`).
 
 A tracking server lost during training never stops it: every write goes through the bounded pause a search
-has (:class:`kdray.tracking.PausedWrites`), and :meth:`TrainTracker.report` says at the end what was not logged.
+has (:class:`kdray.tracking.search_runs.PausedWrites`), and :meth:`TrainTracker.report` says at the end what was not logged.
 """
 from __future__ import annotations
 
@@ -21,17 +21,18 @@ from typing import Any, Iterator, Optional
 
 from kdray import __version__
 from kdray.config import ExperimentConfig
-from kdray.run import RunSummary, born_again, run
+from kdray.experiment.run import RunSummary, born_again, run
 from kdray.redact import mask
-from kdray.tracking import (ERROR_TAG, PARENT_TAG, ROLE_TAG, STATUS_TAG, PausedWrites, _chunks, _first_line, _metrics,
-                            _params, active_experiment, connect, flatten, git_commit, resolve_tracking_uri)
+from kdray.report.plots import generations_plot
+from kdray.tracking.client import (ERROR_TAG, PARENT_TAG, ROLE_TAG, STATUS_TAG, PausedWrites, _chunks, _first_line,
+                                   _metrics, _params, active_experiment, connect, flatten, git_commit,
+                                   resolve_tracking_uri)
 
 GENERATION_TAG = "kdray.generation"
 
 
 class TrainTracker:
     """Opens, fills and ends the MLflow runs of ``kdray train`` in experiment ``experiment``."""
-
     def __init__(self, tracking_uri: Optional[str], experiment: str):
         self.client = connect(tracking_uri)  # a ConfigError naming the URI before any work
         self.uri = resolve_tracking_uri(tracking_uri)[0]
@@ -79,7 +80,7 @@ class TrainTracker:
 
     def train(self, cfg: ExperimentConfig, output_dir: str | Path, *, parent_id: Optional[str] = None,
               generation: Optional[int] = None) -> RunSummary:
-        """:func:`kdray.run.run` inside a run of its own (a child of ``parent_id`` when given)."""
+        """:func:`kdray.experiment.run.run` inside a run of its own (a child of ``parent_id`` when given)."""
         tags = {ROLE_TAG: "generation" if generation is not None else "train", "kdray.experiment": cfg.name}
         if parent_id:
             tags[PARENT_TAG] = parent_id
@@ -106,7 +107,7 @@ class TrainTracker:
         return summary
 
     def born_again(self, cfg: ExperimentConfig, generations: int, output_dir: str | Path) -> list[RunSummary]:
-        """:func:`kdray.run.born_again` under a parent run, one child run per generation."""
+        """:func:`kdray.experiment.run.born_again` under a parent run, one child run per generation."""
         tags = {ROLE_TAG: "born_again", "kdray.experiment": cfg.name, "kdray.generations": str(generations)}
         params = {"generations": generations, **flatten(cfg.model_dump(mode="json"))}
         with self._open(f"{cfg.name} (born-again x{generations})", tags, params) as parent:
@@ -118,7 +119,6 @@ class TrainTracker:
                         metrics=[m for g, a in enumerate(accs) for m in _metrics({"generation_test_acc": a}, g)]
                         + _metrics({"best_generation": best, "best_test_acc": accs[best]}, 0))
             with tempfile.TemporaryDirectory() as d:
-                from kdray.plots import generations_plot
 
                 self._write("the generations plot", parent, self.client.log_artifact,
                             str(generations_plot(accs, Path(d) / "generations.png")), "plots")

@@ -21,29 +21,33 @@ import yaml
 from pydantic import ValidationError
 from torch import nn
 
-from kdray.cache import CacheRequest, TeacherCache, get_cache
 from kdray.config import ExperimentConfig, config_error_from
-from kdray.data import DataBundle, make_bundle
+from kdray.core import compress as c
+from kdray.core.bundle import DataBundle
+from kdray.core.cache import CacheRequest, TeacherCache, get_cache
+from kdray.core.checkpoint import save_model
+from kdray.core.compress import gzip_bytes, latency_ms
+from kdray.core.hooks import list_layers, output_shapes
+from kdray.core.methods import METHODS, build_terms
+from kdray.core.probes import ProbeReport, ProbeSpec
+from kdray.core.progress import epoch_bar
+from kdray.core.signals import (LiveTeacher, PrecomputedTeacher, TeacherEnsemble, fit_probes, mix_logits, probe_specs,
+                                teacher_pass)
+from kdray.core.train import (Data, Distiller, EpochCallback, accuracy, fit, predict, resolve_device, seed_everything,
+                              test_metrics)
+from kdray.data import make_bundle
 from kdray.errors import ConfigError, KdrayError
-from kdray.hooks import check_paths, output_shapes
-from kdray.methods import LOGITS
+from kdray.experiment.configs import parse_config
+from kdray.experiment.preflight import build_distiller, check_data, check_devices, check_experiment, check_forward
+from kdray.experiment.teachers import ensemble_architecture, ensemble_mix, get_teachers, teacher_for
 from kdray.models import build_model, count_parameters
-from kdray.preflight import check_bundle, check_device, check_forward
-from kdray.probes import ProbeReport
-from kdray.progress import epoch_bar
-from kdray.teacher import (LiveTeacher, PrecomputedTeacher, TeacherEnsemble, ensemble_architecture, ensemble_mix,
-                           fit_probes, get_teachers, mix_logits, probe_specs, save_model, teacher_for, teacher_pass)
-from kdray.train import (Data, Distiller, EpochCallback, accuracy, fit, predict, resolve_device, seed_everything,
-                         test_metrics)
 
 log = logging.getLogger("kdray")
-LOGIT_METHODS = {"kd", "dkd"}
 
 
 @dataclass
 class Prepared:
     """Shared by all runs on the same data and teacher: built once per search."""
-
     bundle: DataBundle
     teacher: Optional[nn.Module]
     teacher_info: dict[str, Any]
@@ -73,87 +77,6 @@ class Built:
     teacher_val_pred: Optional[torch.Tensor]
     teacher_test_pred: Optional[torch.Tensor]
     int8: Optional[nn.Module] = None  # the dynamically quantized student, when cfg.export.quantize
-
-
-def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_classes: int, example: torch.Tensor,
-                    data_name: str = "") -> Distiller:
-    """Student + terms with adapters, after checking every layer path and shape on one batch.
-
-    Needs only the architectures (weights do not matter), so a search checks its whole space with it
-    before any teacher is trained.
-    """
-    student = build_model(cfg.student, num_classes, "student").to(example.device)
-    distiller = Distiller(student, cfg.distill)
-    teacher_classes = None
-    if teacher is not None:
-        with torch.no_grad():
-            teacher_classes = teacher.eval()(example[:2]).shape[1]
-    for i, term in enumerate(cfg.distill.terms):
-        check_paths(student, term.student_layers, f"distill.terms[{i}].student_layers")
-        if teacher is not None:
-            check_paths(teacher, term.teacher_layers, f"distill.terms[{i}].teacher_layers")
-        if (term.method in LOGIT_METHODS or cfg.distill.scheme == "online") and teacher_classes != num_classes:
-            raise ConfigError("teacher.model", f"{teacher_classes} output classes",
-                              f"{num_classes} classes (those of data set {data_name!r}) for logit KD method "
-                              f"{term.method!r}; use probe_kd or feature methods with this teacher")
-    if cfg.distill.scheme == "online" and probe_specs(distiller.terms):
-        raise ConfigError("distill.scheme", "online", "offline when a probe_kd term is used (probes are fitted "
-                                                      "on a frozen teacher)")
-    s_shapes = output_shapes(student, example, distiller.student_layers, "student_layers")
-    was_training = student.training
-    with torch.no_grad():
-        s_shapes[LOGITS] = student.eval()(example[:2]).shape  # for heads on the student (self_aux)
-    student.train(was_training)
-    t_shapes = output_shapes(teacher, example, distiller.teacher_layers, "teacher_layers") if teacher is not None else {}
-    distiller.build(s_shapes, t_shapes)
-    return distiller.to(example.device)
-
-
-def check_experiment(cfg: ExperimentConfig) -> None:
-    """Everything about ``cfg`` that only the real data and models show (devices, data splits, model inputs and
-    classes, every layer path and shape), on freshly built models (weights do not matter): a bad value stops a
-    run before a teacher is trained or loaded."""
-    check_devices(cfg)
-    b = check_data(cfg)
-    example = b.x_train[: min(8, len(b.x_train))]
-    teacher = ensemble_architecture(cfg, b.num_classes) if cfg.teacher is not None else None
-    check_models(cfg, teacher, b, example)
-
-
-def check_devices(cfg: ExperimentConfig, student: bool = True) -> None:
-    """The student's device (unless a search gives its trials GPUs this machine may lack) and every teacher
-    recipe's device (teachers are trained here)."""
-    if student:
-        check_device(cfg.train.device, "train.device")
-    for where, t in teacher_sections(cfg):
-        if t.recipe is not None:
-            check_device(t.recipe.train.device, f"{where}.recipe.train.device")
-
-
-def check_data(cfg: ExperimentConfig) -> DataBundle:
-    """The experiment's data bundle, and every teacher recipe's, checked for examples, labels and classes."""
-    b = make_bundle(cfg.data, cfg.cache_dir)
-    check_bundle(b, "data", needs_labels=True)
-    for where, t in teacher_sections(cfg):
-        if t.recipe is not None and t.recipe.data is not None:
-            check_bundle(make_bundle(t.recipe.data, cfg.cache_dir), f"{where}.recipe.data", needs_labels=True)
-    return b
-
-
-def check_models(cfg: ExperimentConfig, teacher: Optional[nn.Module], b: DataBundle, example: torch.Tensor) -> None:
-    """Student and teacher run on the data's inputs, the student has the data's classes, and every term's layers
-    exist and fit the method (:func:`build_distiller`)."""
-    check_forward(build_model(cfg.student, b.num_classes, "student"), example, "student", b.num_classes, b.name)
-    if teacher is not None:
-        check_forward(teacher, example, "teacher.model", data_name=b.name)
-    with torch.no_grad():
-        build_distiller(cfg, teacher, b.num_classes, example, b.name).close()
-
-
-def teacher_sections(cfg: ExperimentConfig) -> list[tuple[str, Any]]:
-    """(config field, section) of the main teacher and every extra teacher."""
-    main = [("teacher", cfg.teacher)] if cfg.teacher is not None else []
-    return main + [(f"extra_teachers[{i}]", t) for i, t in enumerate(cfg.extra_teachers)]
 
 
 def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
@@ -201,7 +124,7 @@ def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
 
 
 # --------------------------------------------------------------------------------------------------
-# the teacher cache (kdray.cache) as the teacher signal
+# the teacher cache (kdray.core.cache) as the teacher signal
 
 
 def feature_layers(terms: Iterable[Any]) -> list[str]:
@@ -213,7 +136,6 @@ def cache_request(cfgs: list[ExperimentConfig], prep: Prepared, example: torch.T
     """What the offline runs of ``cfgs`` (one run, or every corner of a search space) need from the teacher,
     in float16 when float32 would exceed the feature budget; None when even float16 would (then each run
     computes the teacher's outputs in memory, uncached)."""
-    from kdray.methods import build_terms
 
     members = tuple(prep.teacher.member_paths) if isinstance(prep.teacher, TeacherEnsemble) else ()
     req = CacheRequest(members, dtype=cfgs[0].teacher_cache.dtype)  # an ensemble: every member's logits
@@ -348,7 +270,6 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
     def student_facts(metrics: dict, state_fn) -> None:  # what a multi-objective search may weigh
         metrics["student_params"] = n_params
         if metrics["epoch"] == cfg.train.epochs and rank == 0:  # the student as shipped: int8, pruned or float
-            from kdray.compress import gzip_bytes
 
             shipped = export.get("int8") or export.get("pruned")  # already measured by compress_last
             metrics["student_gzip_bytes"] = float(shipped["gzip_bytes"] if shipped else
@@ -356,7 +277,6 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
         if "teacher_test_acc" in teacher_info and metrics["epoch"] == cfg.train.epochs:
             metrics["teacher_test_acc"] = teacher_info["teacher_test_acc"]
         if cfg.export.measure_latency and metrics["epoch"] == cfg.train.epochs:
-            from kdray.compress import latency_ms
 
             metrics["latency_ms"] = latency_ms(built.distiller.student, b.x_test[:100])
 
@@ -390,7 +310,6 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
 def compress(cfg: ExperimentConfig, built: Built, data: Data) -> dict[str, Any]:
     """Prune (then fine-tune under the same distillation terms) and/or quantize the trained student, in
     place for pruning; returns accuracy, size and latency of each variant. ``built.int8`` gets the int8 copy."""
-    from kdray import compress as c
 
     student = built.distiller.student
     variants = {"float": copy.deepcopy(student).cpu().eval()}
@@ -419,7 +338,6 @@ def born_again(cfg: ExperimentConfig, generations: int, output_dir: str | Path, 
     (``cfg``'s temperature and ce_weight; the kd term's weight if ``cfg`` has one). Each generation is saved
     under ``output_dir/gen<k>`` and summarised. ``run_fn(config, output_dir, generation)`` trains one
     generation (default :func:`run`; the MLflow layer passes one that logs it)."""
-    from kdray.config import parse_config
 
     run_fn = run_fn or (lambda c, out, g: run(c, output_dir=out))
     out = Path(output_dir)
@@ -453,7 +371,7 @@ def export_metrics(export: dict[str, Any]) -> dict[str, float]:
 def save_run(out: Path, cfg: ExperimentConfig, student: nn.Module, bundle: DataBundle, summary: RunSummary,
              int8: Optional[nn.Module] = None) -> Path:
     """student.pt (weights-only kdray model file), config.yaml, metrics.csv and summary.json; with an int8
-    variant also student_int8.pt (its state dict: rebuild the student, ``kdray.compress.quantize_int8`` it,
+    variant also student_int8.pt (its state dict: rebuild the student, ``kdray.core.compress.quantize_int8`` it,
     then ``load_state_dict``). A trained student is never lost to a folder that turned bad during training
     (removed, made read-only, disk full): it is then saved to a new temporary folder, and the error says where."""
     try:
@@ -488,7 +406,6 @@ def list_model_layers(cfg: ExperimentConfig, which: str = "both") -> list:
     The models are built from their specs (no teacher training or checkpoint needed: shapes do not
     depend on weights).
     """
-    from kdray.hooks import list_layers
 
     b = check_data(cfg)
     example = b.x_train[: min(len(b.x_train), cfg.data.batch_size)]
@@ -507,9 +424,6 @@ def list_model_layers(cfg: ExperimentConfig, which: str = "both") -> list:
 def probe_layer_accuracies(cfg: ExperimentConfig, pooling: str) -> dict[str, float]:
     """Validation accuracy of a Probe-KD probe (``pooling``, default l2 and iterations) on every teacher layer
     whose output has a batch dimension, through the teacher cache (the teacher is trained if need be)."""
-    from kdray.hooks import list_layers
-    from kdray.methods import METHODS
-    from kdray.probes import ProbeSpec
 
     if cfg.teacher is None:
         raise ConfigError("teacher", None, "a teacher (probes are fitted on its layers)")

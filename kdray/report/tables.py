@@ -18,7 +18,7 @@ def fmt(v: Any) -> str:
 
 
 def summary_table(s: Any) -> str:
-    """The summary of one run (a :class:`kdray.run.RunSummary`)."""
+    """The summary of one run (a :class:`kdray.experiment.run.RunSummary`)."""
     rows = [["student test acc", fmt(s.test_acc)], ["student best val acc", fmt(s.best_val_acc)],
             ["student final val acc", fmt(s.final_val_acc)], ["student params", s.student_params],
             ["epochs", f"{s.epochs}{' (stopped early)' if s.stopped_early else ''}"]]

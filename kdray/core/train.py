@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdray.config import DistillConfig, OptimConfig, TrainConfig
+from kdray.core.hooks import FeatureHooks
+from kdray.core.methods import Signals, build_terms
 from kdray.errors import DivergedError
-from kdray.hooks import FeatureHooks
-from kdray.methods import Signals, build_terms
 
 # --------------------------------------------------------------------------------------------------
 # small helpers
@@ -85,7 +85,7 @@ def term_names(methods: list[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# teacher signal interface (implemented in kdray.teacher; a cache plugs in here)
+# teacher signal interface (implemented in kdray.core.signals; a cache plugs in here)
 
 
 @dataclass

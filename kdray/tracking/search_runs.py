@@ -14,8 +14,8 @@
   the trial starts, logs each epoch's metrics as they arrive (step = epoch), and ends the run with a
   status that tells finished, pruned (ASHA), failed (with the error) and killed apart
   (tag ``kdray.status``; MLflow status FINISHED, FINISHED, FAILED, KILLED).
-* At the end :meth:`SearchTracker.finish` registers the best students (:mod:`kdray.model_registry`),
-  logs the trials table and plots (:mod:`kdray.plots`) on the parent run and ends it.
+* At the end :meth:`SearchTracker.finish` registers the best students (:mod:`kdray.tracking.registered_models`),
+  logs the trials table and plots (:mod:`kdray.report.plots`) on the parent run and ends it.
 
 On ``--resume`` the parent run id is read back from ``<storage>/<name>/mlflow_parent_run_id`` (or found by
 tag) and each trial's child run is found by its ``kdray.trial_id`` tag, so every trial keeps one run.
@@ -28,311 +28,42 @@ import io
 import json
 import logging
 import math
-import os
-import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Optional
 
 import pandas as pd
 import yaml
-from ray.tune import Callback
 
 from kdray import __version__
-from kdray.errors import ConfigError, KdrayError
-from kdray.redact import credentials_to_env, mask
+from kdray.core.checkpoint import model_checkpoint
+from kdray.errors import KdrayError
+from kdray.experiment.configs import parse_config
+from kdray.experiment.space import _scalar, trial_raw
+from kdray.experiment.status import trial_status
+from kdray.models import build_model, count_parameters
+from kdray.redact import mask
+from kdray.report.plots import search_plots
+from kdray.tracking.client import (_KEY_OK, ERROR_TAG, NOT_METRICS, PARENT_ID_FILE, PARENT_TAG, ROLE_TAG, RUN_STATUS,
+                                   SEARCH_PATH_TAG, STATUS_TAG, TRIAL_TAG, PausedWrites, _chunks, _first_line,
+                                   _local_sqlite_dir, _metrics, _params, _read_text, _write_text, active_experiment,
+                                   connect, flatten, git_commit, resolve_tracking_uri)
+from kdray.tracking.registered_models import register_trials
 
 log = logging.getLogger("kdray")
-
-PARENT_ID_FILE = "mlflow_parent_run_id"
-PARENT_TAG = "mlflow.parentRunId"
-TRIAL_TAG = "kdray.trial_id"
-STATUS_TAG = "kdray.status"
-ERROR_TAG = "kdray.error"
-ROLE_TAG = "kdray.role"
-SEARCH_PATH_TAG = "kdray.search_path"
-RUN_STATUS = {"finished": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
-# Tune's own bookkeeping and kdray's report fields that are not metrics of the run
-NOT_METRICS = {"training_iteration", "time_total_s", "episodes_total", "timesteps_total", "time_this_iter_s",
-               "timestamp", "time_since_restore", "timesteps_since_restore", "iterations_since_restore", "pid",
-               "node_ip", "hostname", "date", "done", "trial_id", "experiment_tag", "should_checkpoint",
-               "checkpoint_dir_name", "config", "epoch", "max_epochs", "resumed_from"}
-_KEY_OK = re.compile(r"[^/\w.\- :]")
 
 
 # --------------------------------------------------------------------------------------------------
 # the tracking URI
 
 
-def resolve_tracking_uri(uri: Optional[str] = None) -> tuple[str, str]:
-    """(URI, where it came from): ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite file
-    ``mlflow.db`` in the working directory (MLflow 3's own default, made absolute).
-
-    The ``user:password@`` of an HTTP(S) URI moves to ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``
-    (:func:`kdray.redact.credentials_to_env`; ``MLFLOW_TRACKING_URI`` is rewritten clean): the URI returned
-    holds no password."""
-    if uri:
-        return credentials_to_env(uri), "--tracking-uri"
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        os.environ["MLFLOW_TRACKING_URI"] = credentials_to_env(os.environ["MLFLOW_TRACKING_URI"])
-        return os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
-    return "sqlite:///" + str(Path("mlflow.db").resolve()), "the default tracking URI"
-
-
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _first_line(e: BaseException, n: int = 300) -> str:
-    """The first line of an error's message, credentials masked."""
-    text = mask(str(e).strip())
-    return (text.splitlines()[0] if text else type(e).__name__)[:n]
-
-
-def connect(uri: Optional[str] = None, timeout_s: float = 5.0):
-    """A client for the tracking URI, after checking that it answers (one request, no retries).
-
-    Raises ConfigError naming the URI (and where it came from) when it does not.
-    """
-    from mlflow import MlflowClient
-
-    uri, source = resolve_tracking_uri(uri)
-    with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(max(1, int(timeout_s)))):
-        try:
-            client = MlflowClient(tracking_uri=uri)
-            client.search_experiments(max_results=1)
-        except Exception as e:  # noqa: BLE001 - connection, auth and URI-scheme errors of many kinds
-            field = source if source.startswith(("--", "MLFLOW")) else "tracking URI"
-            raise ConfigError(field, mask(uri), f"a reachable MLflow tracking URI (http://host:port of a running "
-                                          f"`mlflow server`, sqlite:///path/mlflow.db ...); it failed with: "
-                                          f"{_first_line(e)}") from None
-    return client
-
-
-def _local_sqlite_dir(uri: str) -> Optional[Path]:
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        return Path(path).resolve().parent if path and path != ":memory:" else None
-    return None
-
-
-@contextlib.contextmanager
-def use_tracking_uri(uri: str) -> Iterator[None]:
-    """Temporarily point MLflow's global tracking URI at ``uri`` (``mlflow.pytorch.log_model`` and the SQL
-    registry store use it); restores both the global and the ``MLFLOW_TRACKING_URI`` variable."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils
-
-    old_global, old_env = getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(old_global)
-        if old_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env
-
-
 # --------------------------------------------------------------------------------------------------
 # small helpers
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
-    """Nested dicts and lists as ``a.b.0.c`` keys with string values (MLflow params)."""
-    out: dict[str, str] = {}
-    if isinstance(tree, dict) and tree:
-        for k, v in tree.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    elif isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
-        for i, v in enumerate(tree):
-            out.update(flatten(v, f"{prefix}.{i}" if prefix else str(i)))
-    else:
-        out[prefix] = tree if isinstance(tree, str) else json.dumps(tree, default=str)
-    return out
-
-
-def _params(d: dict[str, Any]) -> list:
-    from mlflow.entities import Param
-
-    return [Param(_KEY_OK.sub("_", k)[:250], (v if isinstance(v, str) else json.dumps(v, default=str))[:6000])
-            for k, v in d.items()]
-
-
-def _metrics(values: dict[str, Any], step: int, skip: Iterable[str] = ()) -> list:
-    """MLflow metrics of the finite numbers among ``values`` (not bools, not the keys in ``skip``), at ``step``."""
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(_KEY_OK.sub("_", k), float(v), now, step) for k, v in values.items()
-            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-
-
-def _chunks(xs: list, n: int) -> Iterator[list]:
-    for i in range(0, len(xs), n):
-        yield xs[i:i + n]
-
-
-def git_commit(start: Path) -> Optional[str]:
-    """The commit checked out in the repository holding ``start`` (read from ``.git``; no git needed)."""
-    try:
-        for d in [start, *start.parents]:
-            g = d / ".git"
-            if g.is_file() and g.read_text().startswith("gitdir:"):
-                g = (d / g.read_text()[7:].strip()).resolve()
-            if not g.is_dir():
-                continue
-            head = (g / "HEAD").read_text().strip()
-            if not head.startswith("ref:"):
-                return head
-            ref = head[4:].strip()
-            common = (g / (g / "commondir").read_text().strip()).resolve() if (g / "commondir").is_file() else g
-            for root in (g, common):
-                if (root / ref).is_file():
-                    return (root / ref).read_text().strip()
-                packed = root / "packed-refs"
-                if packed.is_file():
-                    for line in packed.read_text().splitlines():
-                        if line.endswith(" " + ref):
-                            return line.split()[0]
-            return None
-    except OSError:
-        return None
-    return None
-
-
-def _write_text(path: str, text: str) -> None:
-    if "://" in path:
-        import pyarrow.fs as pafs
-
-        fs, p = pafs.FileSystem.from_uri(path)
-        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(p) as f:
-            f.write(text.encode())
-    else:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
-
-
-def _read_text(path: str) -> Optional[str]:
-    try:
-        if "://" in path:
-            import pyarrow.fs as pafs
-
-            fs, p = pafs.FileSystem.from_uri(path)
-            with fs.open_input_stream(p) as f:
-                return f.read().decode()
-        return Path(path).read_text() if Path(path).is_file() else None
-    except (OSError, FileNotFoundError):
-        return None
-
-
-def error_text(trial: Any) -> str:
-    """The last line of a failed trial's error (the exception's message)."""
-    err = None
-    # Tune writes the error to the driver's staging folder before calling the callbacks and syncs it
-    # to the run storage later: read the staging copy first.
-    path = getattr(trial, "error_file", None)
-    if path and os.path.isfile(path):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            err = f.read()
-    if not err:
-        try:
-            err = trial.get_error() or trial.get_pickled_error()
-        except Exception:  # noqa: BLE001
-            pass
-    lines = [ln.strip() for ln in str(err or "").strip().splitlines() if ln.strip() and not ln.startswith("Failure #")]
-    return mask(lines[-1] if lines else "unknown error")[:1000]
-
-
-def active_experiment(client: Any, name: str) -> Any:
-    """The MLflow experiment called ``name``, or None when there is none yet; a ConfigError (exit 2) when it
-    is deleted: MLflow keeps a deleted experiment's name taken, and runs cannot go into it."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None and exp.lifecycle_stage != "active":
-        raise ConfigError("--experiment", name, f"the name of an active MLflow experiment or a new name; this one is "
-                                                f"deleted (id {exp.experiment_id}): restore it with `mlflow "
-                                                f"experiments restore --experiment-id {exp.experiment_id}` or "
-                                                f"choose another name")
-    return exp
-
-
 # --------------------------------------------------------------------------------------------------
 # writes that never stop the work they record
-
-
-class PausedWrites:
-    """The bounded pause of MLflow writes that must never stop the work they record (the trials of a search,
-    a ``kdray train --track``): one implementation for both.
-
-    Each write gets one retry and a 10 s timeout. A failed write is counted (what, and which ``item``: a trial,
-    an epoch), the first failure of each kind is logged at once, and every write of the next ``PAUSE_S`` seconds
-    is skipped and counted, so an unreachable server costs one timeout per pause instead of stalling the work.
-    :meth:`warn_end` says at the end what was not logged, naming the (masked) URI.
-    """
-
-    PAUSE_S = 30.0
-
-    def __init__(self, uri: str, goes_on: str, items: str):
-        self.uri, self.goes_on, self.items = mask(uri), goes_on, items
-        self.paused_until = 0.0
-        self.lost: dict[str, set[str]] = {}  # what -> items
-        self._warned: set[str] = set()
-
-    def __getstate__(self) -> dict:  # kept in the search state Tune pickles: a pause does not outlive the run
-        return {**self.__dict__, "paused_until": 0.0}
-
-    def __call__(self, what: str, fn, *args, item: Optional[str] = None, **kwargs) -> Any:
-        """``fn(*args, **kwargs)``, or None when it failed or was skipped (paused)."""
-        if time.monotonic() < self.paused_until:
-            self.skipped(what, item)
-            return None
-        try:
-            with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
-                return fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - connection errors of many kinds
-            self.failed(what, e, item)
-            self.paused_until = time.monotonic() + self.PAUSE_S
-            return None
-
-    def skipped(self, what: str, item: Optional[str] = None) -> None:
-        self.lost.setdefault(what, set()).add(item or "-")
-
-    def failed(self, what: str, e: BaseException, item: Optional[str] = None) -> None:
-        """A write failed: counted, and the first failure of each kind logged right away."""
-        self.skipped(what, item)
-        if what not in self._warned:
-            self._warned.add(what)
-            log.warning("MLflow logging failed in %s (%s): %s", what, self.goes_on, _first_line(e))
-
-    def summary(self) -> Optional[str]:
-        """What was not logged, by kind and item; None when everything was."""
-        if not self.lost:
-            return None
-
-        def one(what: str, items: set[str]) -> str:
-            named = sorted(items - {"-"}, key=lambda i: (len(i), i))
-            return f"{what}: {self.items} {', '.join(named)}" if named else what
-
-        return "; ".join(one(what, items) for what, items in sorted(self.lost.items()))
-
-    def warn_end(self, where: str) -> None:
-        """At the end: a warning naming the URI and what was not logged (nothing when everything was)."""
-        if self.lost:
-            log.warning("MLflow (%s): some writes failed while the tracking server was unreachable; not logged: %s. "
-                        "%s", self.uri, self.summary(), where)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,7 +72,6 @@ class PausedWrites:
 
 class SearchTracker:
     """The MLflow runs of one search: the parent, and a child per trial (keyed by Tune trial id)."""
-
     def __init__(self, uri: str, experiment: str, space: Any, base_raw: dict, base_dir: str | Path):
         self.uri, self.experiment = uri, experiment
         self.space, self.base_raw, self.base_dir = space, base_raw, str(base_dir)
@@ -537,7 +267,6 @@ class SearchTracker:
                 hist = c.get_metric_history(run_id, self.space.metric)
                 self.logged_epoch[trial_id] = max((m.step for m in hist), default=0)
         else:
-            from kdray.search import _scalar
 
             values = {k: _scalar(v) for k, v in (config or {}).items()}
             tags = {PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id, STATUS_TAG: "running",
@@ -567,10 +296,6 @@ class SearchTracker:
         try:
             import torch
 
-            from kdray.config import parse_config
-            from kdray.models import build_model, count_parameters
-            from kdray.space import trial_raw
-            from kdray.teacher import model_checkpoint
 
             cfg = parse_config(trial_raw(self.space, self.base_raw, values), self.base_dir)
             key = json.dumps(cfg.student.model_dump(mode="json"), sort_keys=True)
@@ -595,8 +320,7 @@ class SearchTracker:
 
     def trial_completed(self, trial_id: str, last: Optional[dict]) -> None:
         last = last or {}
-        epoch, max_epochs = int(last.get("epoch", 0) or 0), int(last.get("max_epochs", 0) or 0)
-        status = "killed" if not epoch else "pruned" if epoch < max_epochs else "finished"
+        status = trial_status(last)
         self._end_child(trial_id, status)
 
     def trial_errored(self, trial_id: str, error: str) -> None:
@@ -633,7 +357,7 @@ class SearchTracker:
 
     # ---- the end of the search
 
-    def finish(self, grid: Any, table: pd.DataFrame, *, register_top: int, registered_model: Optional[str],
+    def finish(self, trials: dict, table: pd.DataFrame, *, register_top: int, registered_model: Optional[str],
                input_example: Any, baseline: Optional[dict] = None, expected_trials: int = 0,
                register_pareto: bool = False) -> tuple[pd.DataFrame, list[dict]]:
         """Register the top students (of a multi-objective search: the top of its Pareto front, or with
@@ -642,7 +366,6 @@ class SearchTracker:
         Returns the table with a ``model_version`` column and the registrations. An interrupted search
         (trials left unfinished) only ends the parent as KILLED: ``--resume`` continues it.
         """
-        from kdray.model_registry import register_trials
 
         if self.unfinished or len(table) < expected_trials:
             self.end("KILLED", f"interrupted with {max(len(self.unfinished), expected_trials - len(table))} trial(s) "
@@ -656,7 +379,7 @@ class SearchTracker:
         top = len(candidates) if register_pareto and "pareto" in table else register_top
         if top > 0:
             try:
-                registrations = register_trials(self, grid, candidates, top,
+                registrations = register_trials(self, trials, candidates, top,
                                                 registered_model or f"{self.experiment}-student", input_example)
             except Exception as e:  # noqa: BLE001 - reported below, after the summary is logged
                 error = e
@@ -675,7 +398,6 @@ class SearchTracker:
     def log_summary(self, table: pd.DataFrame, baseline: Optional[dict], registrations: list[dict]) -> None:
         from mlflow.entities import Metric
 
-        from kdray.plots import search_plots
 
         c, rid, metric = self.client, self.parent_run_id, self.space.metric
         with tempfile.TemporaryDirectory() as d:
@@ -722,34 +444,3 @@ def _quote(s: str) -> str:
     return str(s).replace("\\", "\\\\").replace("'", "\\'")
 
 
-class MlflowSearchCallback(Callback):
-    """Driver-side Tune callback: every MLflow write of a search's trials goes through here.
-
-    MLflow errors never stop the search: they go through the tracker's :class:`PausedWrites`.
-    """
-
-    def __init__(self, tracker: SearchTracker):
-        self.tracker = tracker
-
-    def _safe(self, what: str, fn, *args) -> None:
-        trial_id = args[0] if args and isinstance(args[0], str) else None
-        self.tracker.writes(what, fn, *args, item=trial_id)
-
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._safe("on_trial_start", self.tracker.trial_started, trial.trial_id, trial.config)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self._safe("on_trial_result", self.tracker.trial_result, trial.trial_id, result)
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._safe("on_trial_complete", self.tracker.trial_completed, trial.trial_id, trial.last_result)
-
-    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        self._safe("on_trial_recover", self.tracker.trial_recovered, trial.trial_id, error_text(trial))
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._safe("on_trial_error", self.tracker.trial_errored, trial.trial_id, error_text(trial))
-
-    def on_experiment_end(self, trials, **info) -> None:
-        unfinished = [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]
-        self._safe("on_experiment_end", self.tracker.experiment_ended, unfinished)

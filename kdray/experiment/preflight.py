@@ -1,0 +1,163 @@
+"""Up-front checks against the real data, models, devices and folders: what the config schema cannot see.
+
+Each check raises a :class:`~kdray.errors.ConfigError` naming the config field (or command-line option), the
+bad value and what is allowed, before any work starts: no teacher trained, no cache entry written, no Ray
+started, no MLflow run opened. :func:`check_experiment` and :func:`kdray.experiment.space.check_space` run
+them for ``kdray train`` and ``kdray search``.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from kdray.config import ExperimentConfig
+from kdray.core.bundle import DataBundle
+from kdray.core.hooks import check_paths, output_shapes
+from kdray.core.methods import LOGITS
+from kdray.core.signals import probe_specs
+from kdray.core.train import Distiller
+from kdray.data import make_bundle
+from kdray.errors import ConfigError, first_line
+from kdray.experiment.teachers import ensemble_architecture
+from kdray.models import build_model
+
+
+def check_device(name: str, field: str) -> None:
+    """``cuda``/``cuda:N``/``mps`` only where this torch can reach such a device (``auto`` always works)."""
+    if name.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name[5:]) if name.startswith("cuda:") else 0
+        if index >= n:
+            have = f"cuda:0 .. cuda:{n - 1}" if n else "no CUDA device (torch.cuda.is_available() is False)"
+            raise ConfigError(field, name, f"auto or cpu, or a device this machine has: it has {have}")
+    elif name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(field, name, "auto or cpu: torch here has no MPS device (torch.backends.mps.is_available() "
+                                       "is False)")
+
+
+def check_bundle(b: DataBundle, field: str, needs_labels: bool) -> None:
+    """Training examples, labelled ones when the loss needs them, test examples and at least 2 classes."""
+    n = len(b.x_train) + len(b.x_val)
+    if len(b.x_train) == 0:
+        raise ConfigError(f"{field}.val_fraction", f"0 training examples of {n}",
+                          "a split that leaves training examples: a lower val_fraction or more examples")
+    if needs_labels and b.n_labelled == 0:
+        raise ConfigError(f"{field}.label_fraction", f"0 labelled examples of {len(b.x_train)}",
+                          "a label_fraction that leaves labelled training examples")
+    if len(b.x_test) == 0:
+        raise ConfigError(f"{field}.params", "0 test examples", "data with a test split (test accuracy is measured "
+                                                                "on it)")
+    if b.num_classes < 2:
+        raise ConfigError(f"{field}.params", f"{b.num_classes} class", "data with at least 2 classes (check "
+                                                                       "label_map)")
+
+
+def check_forward(model: nn.Module, example: torch.Tensor, field: str, num_classes: Optional[int] = None,
+                  data_name: str = "") -> torch.Size:
+    """Run ``model`` on two examples: a model whose input does not fit the data, or (``num_classes`` given)
+    whose output classes differ from the data's, is refused naming ``<field>.kwargs`` (``field`` is the model
+    spec's place: ``student``, ``teacher.model``). Returns the output shape."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(example[:2])
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise ConfigError(f"{field}.kwargs", f"inputs of shape {tuple(example.shape[1:])} from data set {data_name!r}",
+                          f"a model whose forward accepts them (it failed: {first_line(e)}); set its kwargs (e.g. "
+                          "in_length) to the data, or change data.params") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(field, f"output {shape}", "a model returning logits of shape (B, classes)")
+    if num_classes is not None and out.shape[1] != num_classes:
+        raise ConfigError(f"{field}.kwargs", f"{out.shape[1]} output classes",
+                          f"{num_classes} classes (those of data set {data_name!r}): drop num_classes from its "
+                          "kwargs, or match the data")
+    return out.shape
+
+
+LOGIT_METHODS = {"kd", "dkd"}
+
+
+def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_classes: int, example: torch.Tensor,
+                    data_name: str = "") -> Distiller:
+    """Student + terms with adapters, after checking every layer path and shape on one batch.
+
+    Needs only the architectures (weights do not matter), so a search checks its whole space with it
+    before any teacher is trained.
+    """
+    student = build_model(cfg.student, num_classes, "student").to(example.device)
+    distiller = Distiller(student, cfg.distill)
+    teacher_classes = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_classes = teacher.eval()(example[:2]).shape[1]
+    for i, term in enumerate(cfg.distill.terms):
+        check_paths(student, term.student_layers, f"distill.terms[{i}].student_layers")
+        if teacher is not None:
+            check_paths(teacher, term.teacher_layers, f"distill.terms[{i}].teacher_layers")
+        if (term.method in LOGIT_METHODS or cfg.distill.scheme == "online") and teacher_classes != num_classes:
+            raise ConfigError("teacher.model", f"{teacher_classes} output classes",
+                              f"{num_classes} classes (those of data set {data_name!r}) for logit KD method "
+                              f"{term.method!r}; use probe_kd or feature methods with this teacher")
+    if cfg.distill.scheme == "online" and probe_specs(distiller.terms):
+        raise ConfigError("distill.scheme", "online", "offline when a probe_kd term is used (probes are fitted "
+                                                      "on a frozen teacher)")
+    s_shapes = output_shapes(student, example, distiller.student_layers, "student_layers")
+    was_training = student.training
+    with torch.no_grad():
+        s_shapes[LOGITS] = student.eval()(example[:2]).shape  # for heads on the student (self_aux)
+    student.train(was_training)
+    t_shapes = output_shapes(teacher, example, distiller.teacher_layers, "teacher_layers") if teacher is not None else {}
+    distiller.build(s_shapes, t_shapes)
+    return distiller.to(example.device)
+
+
+def check_experiment(cfg: ExperimentConfig) -> None:
+    """Everything about ``cfg`` that only the real data and models show (devices, data splits, model inputs and
+    classes, every layer path and shape), on freshly built models (weights do not matter): a bad value stops a
+    run before a teacher is trained or loaded."""
+    check_devices(cfg)
+    b = check_data(cfg)
+    example = b.x_train[: min(8, len(b.x_train))]
+    teacher = ensemble_architecture(cfg, b.num_classes) if cfg.teacher is not None else None
+    check_models(cfg, teacher, b, example)
+
+
+def check_devices(cfg: ExperimentConfig, student: bool = True) -> None:
+    """The student's device (unless a search gives its trials GPUs this machine may lack) and every teacher
+    recipe's device (teachers are trained here)."""
+    if student:
+        check_device(cfg.train.device, "train.device")
+    for where, t in teacher_sections(cfg):
+        if t.recipe is not None:
+            check_device(t.recipe.train.device, f"{where}.recipe.train.device")
+
+
+def check_data(cfg: ExperimentConfig) -> DataBundle:
+    """The experiment's data bundle, and every teacher recipe's, checked for examples, labels and classes."""
+    b = make_bundle(cfg.data, cfg.cache_dir)
+    check_bundle(b, "data", needs_labels=True)
+    for where, t in teacher_sections(cfg):
+        if t.recipe is not None and t.recipe.data is not None:
+            check_bundle(make_bundle(t.recipe.data, cfg.cache_dir), f"{where}.recipe.data", needs_labels=True)
+    return b
+
+
+def check_models(cfg: ExperimentConfig, teacher: Optional[nn.Module], b: DataBundle, example: torch.Tensor) -> None:
+    """Student and teacher run on the data's inputs, the student has the data's classes, and every term's layers
+    exist and fit the method (:func:`build_distiller`)."""
+    check_forward(build_model(cfg.student, b.num_classes, "student"), example, "student", b.num_classes, b.name)
+    if teacher is not None:
+        check_forward(teacher, example, "teacher.model", data_name=b.name)
+    with torch.no_grad():
+        build_distiller(cfg, teacher, b.num_classes, example, b.name).close()
+
+
+def teacher_sections(cfg: ExperimentConfig) -> list[tuple[str, Any]]:
+    """(config field, section) of the main teacher and every extra teacher."""
+    main = [("teacher", cfg.teacher)] if cfg.teacher is not None else []
+    return main + [(f"extra_teachers[{i}]", t) for i, t in enumerate(cfg.extra_teachers)]

@@ -1,0 +1,64 @@
+"""The architecture holds: commands load only what they use (no Ray or Optuna for the registry, results and
+tracked training commands), and test modules share code through conftest.py and tests/helpers only. The
+import layers themselves are checked by ``lint-imports`` (contracts in pyproject.toml) in the test command."""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import TINY
+
+TESTS = Path(__file__).resolve().parent
+
+PROBE = """
+import json, sys
+from kdray.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "loaded": sorted(m for m in ("ray", "optuna") if m in sys.modules)}))
+"""
+
+
+def loaded_by(argv: list[str], cwd: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("commands")
+    raw = {**TINY, "train": {"epochs": 1, "progress": False}}
+    (d / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    (d / "search").mkdir()
+    pd.DataFrame({"trial_id": ["t1"], "status": ["finished"], "val_acc": [0.5]}).to_parquet(d / "search/results.parquet")
+    return d
+
+
+@pytest.mark.parametrize("argv", [
+    ["models", "list"],
+    ["promote", "nope", "--alias", "champion"],
+    ["results", "search"],
+    ["train", "cfg.yaml", "--track", "--output-dir", "run", "--experiment", "arch"],
+], ids=["models list", "promote", "results", "train --track"])
+def test_commands_that_need_no_search_do_not_import_ray_or_optuna(workdir, argv):
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    if argv[0] != "results":
+        argv = argv + ["--tracking-uri", uri]
+    got = loaded_by(argv, workdir)
+    assert got["loaded"] == [], got
+    assert got["code"] == (2 if argv[0] == "promote" else 0), got  # promote of a missing model is refused
+
+
+def test_no_test_module_imports_another():
+    for path in TESTS.glob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.split(".")[-1].startswith("test_"), (path.name, node.module)
+            if isinstance(node, ast.Import):
+                assert not any(a.name.split(".")[-1].startswith("test_") for a in node.names), path.name

@@ -79,3 +79,25 @@ def test_probe_fits_separable_data_and_l2_shrinks_weights():
     assert accuracy(weak, feats, y) > 0.95
     assert strong.linear.weight.norm() < weak.linear.weight.norm()
     assert not any(p.requires_grad for p in weak.parameters())
+
+
+def test_hooks_capture_a_module_input_on_the_mnist1d_cnn():
+    from kdray.models import mnist1d_cnn
+
+    m = mnist1d_cnn(10, channels=8).eval()
+    x = torch.randn(3, 40)
+    with FeatureHooks(m, ["relu2:input", "conv2", "conv2:output", "relu2"]) as h:
+        m(x)
+    assert torch.equal(h.outputs["relu2:input"], h.outputs["conv2"])  # the pre-activation entering relu2
+    assert torch.equal(h.outputs["conv2:output"], h.outputs["conv2"])
+    assert torch.equal(h.outputs["relu2"], torch.relu(h.outputs["conv2"]))
+    assert output_shapes(m, x, ["relu2:input"], "teacher_layers") == {"relu2:input": h.outputs["conv2"].shape}
+
+
+@pytest.mark.parametrize("layer", ["relu2:inputs", "nope:input", ":input"])
+def test_check_paths_refuses_a_bad_suffix_or_path(layer):
+    from kdray.models import mnist1d_cnn
+
+    with pytest.raises(ConfigError) as e:
+        check_paths(mnist1d_cnn(10, channels=8), [layer], "teacher_layers")
+    assert e.value.field == "teacher_layers" and e.value.value == layer

@@ -1,7 +1,9 @@
-"""Intermediate layer outputs by module path (the dotted names of ``model.named_modules()``).
+"""Intermediate layer outputs (or inputs) by module path (the dotted names of ``model.named_modules()``).
 
-:class:`FeatureHooks` is a context manager that registers forward hooks on the named modules, keeps
-their latest outputs in ``.outputs`` and removes every hook on exit, even after an exception.
+A layer is ``path`` or ``path:output`` (the module's output) or ``path:input`` (its first input tensor, e.g. the
+pre-activation that enters a ReLU, as torchdistill's forward hooks capture). :class:`FeatureHooks` is a context
+manager that registers forward hooks on the named modules, keeps their latest tensors in ``.outputs`` (keyed by
+the layer as written) and removes every hook on exit, even after an exception.
 :func:`list_layers` runs one batch through a model and reports every module's path, type and output
 shape (what ``kdray layers`` prints). :func:`check_paths` rejects a path that does not exist and names
 the closest existing ones.
@@ -36,19 +38,35 @@ def module_paths(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if name]
 
 
+IO = ("output", "input")  # what a layer ``path:<io>`` captures of the module; output when no suffix
+
+
+def split_layer(layer: str) -> tuple[str, str]:
+    """``"relu2:input"`` -> ``("relu2", "input")``; ``"relu2"`` -> ``("relu2", "output")``. An unknown suffix is
+    returned as it is (``check_paths`` refuses it)."""
+    path, sep, io = layer.rpartition(":")
+    return (path, io) if sep and io in IO else (layer, "output")
+
+
 def check_paths(model: nn.Module, paths: Iterable[str], field: str) -> None:
-    """Raise a ConfigError for the first path that is not a module of ``model``."""
+    """Raise a ConfigError for the first layer whose path is not a module of ``model`` (``:input`` and ``:output``
+    suffixes allowed)."""
     known = dict(model.named_modules())
-    for path in paths:
+    for layer in paths:
+        path, _ = split_layer(layer)
+        if ":" in path and path not in known:
+            raise ConfigError(field, layer, "a module path, optionally followed by :input or :output "
+                                            f"(not :{path.rpartition(':')[2]})")
         if path not in known or not path:
             close = difflib.get_close_matches(path, list(known), n=5, cutoff=0.4)
             hint = ", ".join(close) if close else ", ".join(module_paths(model)[:10])
-            raise ConfigError(field, path, f"a module path of the model; closest: {hint} "
+            raise ConfigError(field, layer, f"a module path of the model; closest: {hint} "
                                            "(run `kdray layers CONFIG` for all)")
 
 
 class FeatureHooks:
-    """Capture the outputs of the modules at ``paths`` while the context is open."""
+    """Capture the outputs (``path``, ``path:output``) or inputs (``path:input``) of the modules at ``paths`` while
+    the context is open."""
 
     def __init__(self, model: nn.Module, paths: Iterable[str], field: str = "layers"):
         self.model = model
@@ -59,13 +77,14 @@ class FeatureHooks:
 
     def __enter__(self) -> "FeatureHooks":
         modules = dict(self.model.named_modules())
-        for path in self.paths:
-            self._handles.append(modules[path].register_forward_hook(self._hook(path)))
+        for layer in self.paths:
+            path, io = split_layer(layer)
+            self._handles.append(modules[path].register_forward_hook(self._hook(layer, io == "input")))
         return self
 
-    def _hook(self, path: str):
-        def hook(_module: nn.Module, _inp: Any, out: Any) -> None:
-            self.outputs[path] = first_tensor(out)
+    def _hook(self, layer: str, of_input: bool):
+        def hook(_module: nn.Module, inp: Any, out: Any) -> None:
+            self.outputs[layer] = first_tensor(inp if of_input else out)
 
         return hook
 

@@ -109,15 +109,16 @@ class LiveTeacher:
 
 
 def probe_specs(terms: Iterable[Any]) -> list[ProbeSpec]:
-    """The probes that the probe_kd terms among ``terms`` (built methods, e.g. ``distiller.terms``) need."""
+    """The probes that the terms reading probes (``uses_probes``: their options give ``pooling``, ``l2`` and
+    ``max_iter``) among ``terms`` (built methods, e.g. ``distiller.terms``) need."""
     specs: dict[str, ProbeSpec] = {}
     for i, m in enumerate(terms):
-        if m.name != "probe_kd":
+        if not m.uses_probes:
             continue
         s = ProbeSpec(m.teacher_layers[0], m.opts.pooling, m.opts.l2, m.opts.max_iter)
         if s.layer in specs and specs[s.layer] != s:
             raise ConfigError(f"distill.terms[{i}].options", m.opts.model_dump(),
-                              f"the same probe options as the other probe_kd term on layer {s.layer}")
+                              f"the same probe options as the other {m.name} term on layer {s.layer}")
         specs[s.layer] = s
     return list(specs.values())
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from kdray.config import DistillConfig, OptimConfig, TrainConfig
 from kdray.core.hooks import FeatureHooks
-from kdray.core.methods import Signals, build_terms
+from kdray.core.methods import Signals, build_terms, kd_loss, labelled_ce
 from kdray.errors import DivergedError
 
 # --------------------------------------------------------------------------------------------------
@@ -131,9 +131,11 @@ class Distiller(nn.Module):
             m.build(student_shapes, teacher_shapes)
 
     def online_temperature(self) -> float:
-        """The temperature of the online teacher's mutual-learning step: that of the first term distilling the
-        teacher's logits (kd, dkd: ``Method.distils_logits``), else ``distill.temperature``."""
-        return next((m.temperature for m in self.terms if m.distils_logits), self.temperature)
+        """The temperature of the online teacher's mutual-learning step: that of the first term that reads the
+        teacher's logits at a temperature (``uses_teacher_logits`` and ``uses_temperature``), else
+        ``distill.temperature``."""
+        return next((m.temperature for m in self.terms if m.uses_teacher_logits and m.uses_temperature),
+                    self.temperature)
 
     def close(self) -> None:
         self._hooks.__exit__(None, None, None)
@@ -141,8 +143,7 @@ class Distiller(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, t: TeacherOutputs):
         logits = self.student(x)
         parts: dict[str, torch.Tensor] = {}
-        labelled = y >= 0
-        ce = F.cross_entropy(logits[labelled], y[labelled]) if labelled.any() else logits.sum() * 0.0
+        ce = labelled_ce(logits, y)
         parts["ce"] = ce
         total = self.ce_weight * ce
         sig = Signals(student_logits=logits, teacher_logits=t.logits,
@@ -313,11 +314,9 @@ def fit(
 
 
 def mutual_learning_loss(t_logits: torch.Tensor, y: torch.Tensor, s_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """The online teacher's loss: CE on the labelled examples + T^2 KL(softmax(s/T) || softmax(t/T)), batch mean."""
-    labelled = y >= 0
-    ce = F.cross_entropy(t_logits[labelled], y[labelled]) if labelled.any() else t_logits.sum() * 0.0
-    kl = F.kl_div(F.log_softmax(t_logits / T, 1), F.softmax(s_logits / T, 1), reduction="batchmean") * T * T
-    return ce + kl
+    """The online teacher's loss (deep mutual learning, Zhang et al. 2018, arXiv:1706.00384): CE on the labelled
+    examples + :func:`~kdray.core.methods.kd_loss` with the student's logits as the soft targets."""
+    return labelled_ce(t_logits, y) + kd_loss(t_logits, s_logits, T)
 
 
 def _online_teacher_step(teacher: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,

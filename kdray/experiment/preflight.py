@@ -15,7 +15,7 @@ from torch import nn
 from kdray.config import ExperimentConfig
 from kdray.core.bundle import DataBundle
 from kdray.core.hooks import check_paths, output_shapes
-from kdray.core.methods import LOGITS
+from kdray.core.methods import LOGITS, METHODS
 from kdray.core.signals import probe_specs
 from kdray.core.train import Distiller
 from kdray.data import make_bundle
@@ -79,9 +79,6 @@ def check_forward(model: nn.Module, example: torch.Tensor, field: str, num_class
     return out.shape
 
 
-LOGIT_METHODS = {"kd", "dkd"}
-
-
 def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_classes: int, example: torch.Tensor,
                     data_name: str = "") -> Distiller:
     """Student + terms with adapters, after checking every layer path and shape on one batch.
@@ -99,13 +96,14 @@ def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_cla
         check_paths(student, term.student_layers, f"distill.terms[{i}].student_layers")
         if teacher is not None:
             check_paths(teacher, term.teacher_layers, f"distill.terms[{i}].teacher_layers")
-        if (term.method in LOGIT_METHODS or cfg.distill.scheme == "online") and teacher_classes != num_classes:
+        if (METHODS.get(term.method).uses_teacher_logits or cfg.distill.scheme == "online") and \
+                teacher_classes != num_classes:
             raise ConfigError("teacher.model", f"{teacher_classes} output classes",
-                              f"{num_classes} classes (those of data set {data_name!r}) for logit KD method "
-                              f"{term.method!r}; use probe_kd or feature methods with this teacher")
+                              f"{num_classes} classes (those of data set {data_name!r}) for method {term.method!r}, "
+                              f"which reads the teacher's logits; use {_not_logit_methods()} with this teacher")
     if cfg.distill.scheme == "online" and probe_specs(distiller.terms):
-        raise ConfigError("distill.scheme", "online", "offline when a probe_kd term is used (probes are fitted "
-                                                      "on a frozen teacher)")
+        raise ConfigError("distill.scheme", "online", "offline when a term reads probes (probes are fitted on a "
+                                                      "frozen teacher)")
     s_shapes = output_shapes(student, example, distiller.student_layers, "student_layers")
     was_training = student.training
     with torch.no_grad():
@@ -114,6 +112,12 @@ def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_cla
     t_shapes = output_shapes(teacher, example, distiller.teacher_layers, "teacher_layers") if teacher is not None else {}
     distiller.build(s_shapes, t_shapes)
     return distiller.to(example.device)
+
+
+def _not_logit_methods() -> str:
+    """The methods that work with a teacher whose classes are not the task's: those reading probes or layers."""
+    names = [c.name for c in METHODS.classes() if c.needs_teacher and not c.uses_teacher_logits]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
 
 
 def check_experiment(cfg: ExperimentConfig) -> None:

@@ -28,7 +28,7 @@ from kdray.core.cache import CacheRequest, TeacherCache, get_cache
 from kdray.core.checkpoint import save_model
 from kdray.core.compress import gzip_bytes, latency_ms
 from kdray.core.hooks import list_layers, output_shapes
-from kdray.core.methods import METHODS, build_terms
+from kdray.core.methods import KD, TEACHER_LAYERS, ProbeKD, build_terms
 from kdray.core.probes import ProbeReport, ProbeSpec
 from kdray.core.progress import epoch_bar
 from kdray.core.signals import (LiveTeacher, PrecomputedTeacher, TeacherEnsemble, fit_probes, mix_logits, probe_specs,
@@ -128,8 +128,8 @@ def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
 
 
 def feature_layers(terms: Iterable[Any]) -> list[str]:
-    """Teacher layers whose full outputs a term matches (probe_kd terms only need their probe's output)."""
-    return sorted({p for m in terms if m.name != "probe_kd" for p in m.teacher_layers})
+    """Teacher layers whose full outputs a term reads (a term reading probes only needs its probe's output)."""
+    return sorted({p for m in terms if TEACHER_LAYERS in m.reads for p in m.teacher_layers})
 
 
 def cache_request(cfgs: list[ExperimentConfig], prep: Prepared, example: torch.Tensor) -> Optional[CacheRequest]:
@@ -341,7 +341,7 @@ def born_again(cfg: ExperimentConfig, generations: int, output_dir: str | Path, 
 
     run_fn = run_fn or (lambda c, out, g: run(c, output_dir=out))
     out = Path(output_dir)
-    kd_weight = next((t.weight for t in cfg.distill.terms if t.method == "kd" and t.weight is not None), None)
+    kd_weight = next((t.weight for t in cfg.distill.terms if t.method == KD.name and t.weight is not None), None)
     summaries = [run_fn(cfg, out / "gen0", 0)]
     log.info("born-again generation 0: test acc %.4f", summaries[0].test_acc)
     for g in range(1, generations + 1):
@@ -352,7 +352,7 @@ def born_again(cfg: ExperimentConfig, generations: int, output_dir: str | Path, 
                           "checkpoint": str((out / f"gen{g - 1}" / "student.pt").resolve())}
         raw["extra_teachers"] = []
         raw["distill"] = {"temperature": cfg.distill.temperature, "ce_weight": cfg.distill.ce_weight,
-                          "terms": [{"method": "kd", **({"weight": kd_weight} if kd_weight is not None else {})}]}
+                          "terms": [{"method": KD.name, **({"weight": kd_weight} if kd_weight is not None else {})}]}
         summaries.append(run_fn(parse_config(raw), out / f"gen{g}", g))
         log.info("born-again generation %d (teacher: generation %d, test acc %.4f): test acc %.4f", g, g - 1,
                  summaries[-2].test_acc, summaries[-1].test_acc)
@@ -427,7 +427,7 @@ def probe_layer_accuracies(cfg: ExperimentConfig, pooling: str) -> dict[str, flo
 
     if cfg.teacher is None:
         raise ConfigError("teacher", None, "a teacher (probes are fitted on its layers)")
-    options = METHODS.get("probe_kd").Options
+    options = ProbeKD.Options
     try:
         opts = options(pooling=pooling)
     except ValidationError as e:

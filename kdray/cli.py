@@ -113,6 +113,42 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 @command
+def add_methods(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("methods", help="list the distillation methods: kind, what they read, layers, reference "
+                                       "weight, paper")
+    p.add_argument("--format", choices=["table", "markdown", "json"], default="table")
+    p.set_defaults(func=cmd_methods)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    print(methods_text(args.format))
+    return 0
+
+
+METHOD_COLUMNS = ["method", "kind", "reads", "layers", "reference weight", "T", "paper", "notes"]
+
+
+def methods_text(format: str) -> str:
+    """The registered methods as a terminal table, a Markdown table (the README's) or JSON, from the classes'
+    metadata (:func:`kdray.core.methods.describe_methods`)."""
+    from kdray.core.methods import describe_methods
+
+    rows = describe_methods()
+    if format == "json":
+        return json.dumps(rows, indent=2, ensure_ascii=False)
+    md = format == "markdown"
+    cells = [[f"`{r['method']}`" if md else r["method"], r["kind"], r["reads"], r["layers"], f"{r['weight']:g}",
+              "yes" if r["temperature"] else "—",
+              f"[{r['paper']}]({r['url']})" if md and r["url"] else r["paper"], r["notes"]] for r in rows]
+    if md:
+        lines = [METHOD_COLUMNS, ["---"] * len(METHOD_COLUMNS), *cells]
+        return "\n".join("| " + " | ".join(c) + " |" for c in lines)
+    from kdray.report.tables import table
+
+    return table([c[:-1] for c in cells], METHOD_COLUMNS[:-1])  # the notes are the markdown's and the JSON's
+
+
+@command
 def add_cache(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="the teacher-output cache: build ahead of a search, list, remove")
     csub = p.add_subparsers(dest="cache_cmd", required=True)

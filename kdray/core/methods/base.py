@@ -251,9 +251,12 @@ def build_terms(terms: list[TermConfig], default_temperature: float) -> list[tup
 
 
 def describe_methods() -> list[dict]:
-    """The metadata of every registered method, one dict per method (what ``kdray methods`` prints)."""
+    """The metadata of every registered method, one dict per method, by kind then name (what ``kdray methods``
+    prints)."""
     layers = {"none": "—", "teacher": "1 teacher layer", "pairs": "pairs", "fsp": "2 + 2",
               "student": "student layers"}
-    return [{"method": c.name, "kind": c.kind, "reads": ", ".join(sorted(c.reads)), "layers": layers[c.layers],
-             "weight": c.default_weight, "temperature": c.uses_temperature, "paper": c.paper, "url": c.url,
-             "notes": c.notes} for c in METHODS.classes()]
+    kinds, reads = ["response", "feature", "relation", "self"], [TEACHER_LOGITS, PROBES, TEACHER_LAYERS, STUDENT_LAYERS]
+    classes = sorted(METHODS.classes(), key=lambda c: (kinds.index(c.kind) if c.kind in kinds else len(kinds), c.name))
+    return [{"method": c.name, "kind": c.kind, "reads": ", ".join(r for r in reads if r in c.reads),
+             "layers": layers[c.layers], "weight": c.default_weight, "temperature": c.uses_temperature,
+             "paper": c.paper, "url": c.url, "notes": c.notes} for c in classes]

@@ -189,7 +189,8 @@ def main() -> None:
 
     import ray
 
-    from kdray.search.driver import SearchOptions, init_ray, run_search
+    from kdray.search.driver import SearchOptions, run_search
+    from kdray.search.ray_cluster import init_ray
     from kdray.search.results import read_results
 
     t_start = time.perf_counter()

@@ -1,5 +1,7 @@
-"""Where kdray keeps things on disk: the cache folder (teachers, generated data, teacher outputs), and the
-checks that a folder the user names can be written before any work starts."""
+"""Where kdray keeps things on disk: the cache folder (teachers, generated data, teacher outputs), the checks
+that a folder the user names can be written before any work starts, and the one set of helpers for paths that
+may be local or a storage URI (``s3://``, ``gs://``...; through pyarrow's file systems): join, exists, remove,
+read and write text."""
 from __future__ import annotations
 
 import os
@@ -69,3 +71,79 @@ def check_cache_dir(override: Optional[str]) -> None:
         check_writable_dir(override, "cache_dir")
     elif os.environ.get("KDRAY_CACHE_DIR"):
         check_writable_dir(os.environ["KDRAY_CACHE_DIR"], "KDRAY_CACHE_DIR")
+
+
+# --------------------------------------------------------------------------------------------------
+# local folders and storage URIs (s3://, gs://, hdfs://, abfs://, file://): the one place that tells them apart
+
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+
+
+def is_remote(path: str | Path) -> bool:
+    """A URI of a file system (``scheme://...``) rather than a local path."""
+    return "://" in str(path)
+
+
+def join(base: str, *parts: str) -> str:
+    """``base/part/...``: with ``/`` for a URI, the local separator for a local path."""
+    return "/".join([base.rstrip("/"), *parts]) if is_remote(base) else str(Path(base, *parts))
+
+
+def _fs(uri: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(uri)
+
+
+def exists(path: str) -> bool:
+    if not is_remote(path):
+        return Path(path).exists()
+    import pyarrow.fs as pafs
+
+    fs, p = _fs(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def remove_tree(path: str) -> None:
+    """Delete a folder and everything in it."""
+    if not is_remote(path):
+        import shutil
+
+        shutil.rmtree(path)
+        return
+    fs, p = _fs(path)
+    fs.delete_dir(p)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a text file, creating its folder."""
+    if not is_remote(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+        return
+    fs, p = _fs(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode())
+
+
+def read_text(path: str) -> Optional[str]:
+    """The text of a file, or None when it is missing or cannot be read."""
+    try:
+        if not is_remote(path):
+            return Path(path).read_text() if Path(path).is_file() else None
+        fs, p = _fs(path)
+        with fs.open_input_stream(p) as f:
+            return f.read().decode()
+    except OSError:
+        return None
+
+
+def check_storage(storage: str, field: str) -> str:
+    """A results storage as Ray Tune takes it, checked before any work: a local folder kdray can write to (made
+    absolute), or a URI of a file system pyarrow knows."""
+    if not is_remote(storage):
+        return str(check_writable_dir(storage, field).resolve())
+    if storage.split("://", 1)[0] not in STORAGE_SCHEMES:
+        raise ConfigError(field, storage, "a local folder, or a URI of s3://, gs://, hdfs://, abfs:// or file://")
+    return storage

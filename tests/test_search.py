@@ -213,3 +213,83 @@ def test_sparsity_and_quantization_are_search_dimensions_against_size(tmp_path, 
     assert not dense["param.export.quantize"] and small["param.export.quantize"]
     assert small.student_gzip_bytes < 0.7 * dense.student_gzip_bytes
     assert small.pareto
+
+
+def _epoch(epoch: int, value: float, max_epochs: int = 3) -> dict:
+    return {"val_acc": value, "epoch": epoch, "max_epochs": max_epochs}
+
+
+def test_study_searcher_tells_optuna_how_each_trial_ended_and_survives_save_and_restore(tmp_path):
+    """The searcher alone, driven by hand as Tune would, on a real Optuna study (no Ray Tune run)."""
+    import optuna
+
+    from kdray.search.searcher import StudySearcher
+
+    def space(trial):
+        trial.suggest_float("x", 0.0, 1.0)
+
+    searcher = StudySearcher(space, metric="val_acc", mode="max", sampler=optuna.samplers.RandomSampler(seed=0),
+                             points_to_evaluate=[{"x": 0.25}])
+    assert searcher.suggest("done") == {"x": 0.25} == searcher.suggest("done")  # the enqueued point comes first
+    assert set(searcher.suggest("pruned")) == set(searcher.suggest("nan")) == {"x"}
+    for epoch in (1, 2, 1, 3):  # Tune may hand a result twice: one report per step
+        searcher.on_trial_result("done", _epoch(epoch, epoch / 10))
+    searcher.on_trial_complete("done", _epoch(3, 0.3))
+    searcher.on_trial_result("pruned", _epoch(1, 0.2))
+    searcher.on_trial_complete("pruned", _epoch(2, 0.4))  # stopped before max_epochs, e.g. by ASHA
+    searcher.on_trial_result("nan", _epoch(1, 0.5))
+
+    path = tmp_path / "searcher.pkl"
+    searcher.save(str(path))
+    again = StudySearcher(space, metric="val_acc", mode="max")
+    again.restore(str(path))
+    again.on_trial_complete("nan", _epoch(3, float("nan")))  # the restored searcher still knows the running trial
+    again.suggest("errored")
+    again.on_trial_complete("errored", None, error=True)
+    again.on_trial_complete("unknown", _epoch(3, 0.9))  # never suggested here: ignored
+
+    done, pruned, nan, errored = again.study.trials
+    assert (done.state, done.value, done.intermediate_values) == (TrialState.COMPLETE, 0.3, {1: 0.1, 2: 0.2, 3: 0.3})
+    assert pruned.state == TrialState.PRUNED and pruned.intermediate_values == {1: 0.2, 2: 0.4}
+    assert nan.state == TrialState.FAIL and nan.intermediate_values == {1: 0.5}
+    assert errored.state == TrialState.FAIL
+    assert [t.state for t in searcher.study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING]
+
+
+def test_study_searcher_multi_objective_tells_every_value_or_fail():
+    from kdray.search.searcher import StudySearcher
+
+    searcher = StudySearcher(lambda t: {"n": t.suggest_int("n", 1, 4)}, metric=["val_acc", "student_params"],
+                             mode=["max", "min"])
+    assert set(searcher.suggest("a")) == {"n"}
+    searcher.suggest("b")
+    searcher.on_trial_result("a", _epoch(1, 0.5))  # no intermediate values in a multi-objective study
+    searcher.on_trial_complete("a", {**_epoch(3, 0.7), "student_params": 120})
+    searcher.on_trial_complete("b", _epoch(3, 0.7))  # student_params missing
+    a, b = searcher.study.trials
+    assert (a.state, a.values, a.intermediate_values) == (TrialState.COMPLETE, [0.7, 120.0], {})
+    assert b.state == TrialState.FAIL
+
+
+def test_the_callback_tune_pickles_reaches_the_callbacks_of_the_run_in_this_process():
+    """--resume: Tune unpickles the callbacks of the interrupted run; events must reach this run's callbacks."""
+    import ray.cloudpickle as pickle
+    from ray.tune import Callback
+
+    from kdray.search.callbacks import this_run
+
+    class Recorder(Callback):
+        def __init__(self):
+            self.started = []
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started.append(trial)
+
+    old, new = Recorder(), Recorder()
+    with this_run("s", [old]) as forward:
+        pickled = pickle.dumps(forward)
+    restored = pickle.loads(pickled)
+    restored.on_trial_start(iteration=1, trials=[], trial="t1")  # no run registered here: its own callbacks
+    with this_run("s", [new]):
+        restored.on_trial_start(iteration=2, trials=[], trial="t2")
+    assert restored.live()[0].started == ["t1"] and new.started == ["t2"] and old.started == []

@@ -2,6 +2,7 @@
 back by ``kdray results`` and ``kdray report`` (without importing Ray or Optuna), and shown in the terminal."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -10,6 +11,7 @@ import pandas as pd
 from kdray.errors import ConfigError, first_line
 from kdray.experiment.space import SearchSpace, _scalar, dimensions
 from kdray.experiment.status import trial_status
+from kdray.paths import is_remote
 from kdray.report.tables import fmt, table
 
 RESULTS_FILE = "results.parquet"
@@ -59,6 +61,20 @@ def pareto_mask(df: pd.DataFrame, metrics: list[str], modes: list[str]) -> list[
     front = {i for i, p in pts.items()
              if not any(all(q[k] >= p[k] for k in range(len(p))) and q != p for j, q in pts.items() if j != i)}
     return [i in front for i in df.index]
+
+
+def write_results(df: pd.DataFrame, path: str) -> None:
+    """Save the table as Parquet (a local file is written whole or not at all, with a CSV copy beside it), on
+    local storage or a storage URI."""
+    if is_remote(path):
+        df.to_parquet(path)
+        return
+    local = Path(path)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_suffix(".tmp")
+    df.to_parquet(tmp)
+    os.replace(tmp, local)
+    df.to_csv(local.with_suffix(".csv"), index=False)
 
 
 def read_results(experiment: str, storage_path: Optional[str] = None) -> pd.DataFrame:

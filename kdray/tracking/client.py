@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
+from kdray import paths
 from kdray.errors import ConfigError
 from kdray.redact import credentials_to_env, mask
 
@@ -196,30 +197,9 @@ def git_commit(start: Path) -> Optional[str]:
     return None
 
 
-def _write_text(path: str, text: str) -> None:
-    if "://" in path:
-        import pyarrow.fs as pafs
-
-        fs, p = pafs.FileSystem.from_uri(path)
-        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(p) as f:
-            f.write(text.encode())
-    else:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
-
-
-def _read_text(path: str) -> Optional[str]:
-    try:
-        if "://" in path:
-            import pyarrow.fs as pafs
-
-            fs, p = pafs.FileSystem.from_uri(path)
-            with fs.open_input_stream(p) as f:
-                return f.read().decode()
-        return Path(path).read_text() if Path(path).is_file() else None
-    except (OSError, FileNotFoundError):
-        return None
+# remote-or-local files: kdray.paths owns them (pyarrow file systems for URIs)
+_write_text = paths.write_text
+_read_text = paths.read_text
 
 
 def error_text(trial: Any) -> str:

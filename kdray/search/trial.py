@@ -1,0 +1,91 @@
+"""One trial of a search, as Ray Tune runs it: the function trainable (a distillation run that reports and
+checkpoints every epoch, or a Ray Train run of several workers), reading a finished trial's checkpoint back,
+and the hard-label baseline the trials are compared with."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from kdray.errors import KdrayError
+from kdray.experiment.configs import parse_config
+from kdray.experiment.run import run
+from kdray.experiment.space import SearchSpace, trial_raw
+from kdray.search.distributed import STATE_FILE
+
+
+def for_search(space: SearchSpace, raw: dict, max_epochs: int) -> dict:
+    """A trial's (or the baseline's) experiment config as a search runs it: ``max_epochs`` epochs, no batch
+    progress bar, and latency measured when it is an objective."""
+    raw.setdefault("train", {}).update({"epochs": max_epochs, "progress": False})
+    if "latency_ms" in space.metrics:
+        raw.setdefault("export", {})["measure_latency"] = True
+    return raw
+
+
+def trial(config: dict, *, shared: list, space_raw: dict, base_raw: dict, base_dir: str, max_epochs: int,
+          workers: int, cpus_per_worker: float, gpus_per_worker: float, storage_path: str) -> None:
+    """The Tune function trainable: one distillation run, reporting and checkpointing every epoch."""
+    import ray
+    import torch
+    from ray import tune
+
+    space = SearchSpace.model_validate(space_raw)
+    raw = for_search(space, trial_raw(space, base_raw, config), max_epochs)
+    prep_ref = shared[0]
+    if workers > 1:
+        from kdray.search.distributed import run_torchtrainer_trial
+
+        run_torchtrainer_trial(raw, prep_ref, num_workers=workers, cpus_per_worker=cpus_per_worker,
+                               gpus_per_worker=gpus_per_worker, name=f"train-{tune.get_context().get_trial_id()}",
+                               storage_path=storage_path, max_epochs=max_epochs)
+        return
+    cfg = parse_config(raw, base_dir)
+    prep = ray.get(prep_ref)
+    start = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start = torch.load(Path(d) / STATE_FILE, weights_only=True)
+
+    def report(metrics: dict, state_fn) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state_fn(), Path(d) / STATE_FILE)
+            tune.report({**metrics, "max_epochs": max_epochs, "resumed_from": start["epoch"] if start else 0,
+                         "node_id": ray.get_runtime_context().get_node_id()},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+    run(cfg, prep, callbacks=(report,), start_state=start)
+
+
+def hard_label_baseline(space: SearchSpace, base_raw: dict, base_dir: Path, prep, max_epochs: int) -> dict:
+    """The student of the base config trained on the labels alone, for comparison with the trials."""
+    raw = trial_raw(space.model_copy(update={"methods": {}, "params": {}}), base_raw, {})
+    raw.setdefault("distill", {}).update({"terms": [], "ce_weight": 1.0, "scheme": "offline"})
+    s = run(parse_config(for_search(space, raw, max_epochs), base_dir), prep)
+    return {"test_acc": s.test_acc, "best_val_acc": s.best_val_acc, "final_val_acc": s.final_val_acc}
+
+
+@contextlib.contextmanager
+def trial_checkpoint(result: Any) -> Iterator[Path]:
+    """A local folder holding a Tune result's last checkpoint (downloaded when on remote storage)."""
+    from ray.tune import Checkpoint
+
+    ckpt = result.checkpoint
+    if ckpt is None and (result.metrics or {}).get("checkpoint_path"):  # a Ray Train (multi-worker) trial
+        ckpt = Checkpoint(result.metrics["checkpoint_path"])
+    if ckpt is None:
+        raise KdrayError(f"trial {result.path} has no checkpoint")
+    with ckpt.as_directory() as d:
+        yield Path(d)
+
+
+def finished_trials(grid: Any) -> dict:
+    """Tune's results as the plain records MLflow registration reads (it knows nothing of Tune)."""
+    from kdray.tracking.registered_models import FinishedTrial
+
+    return {str((r.metrics or {}).get("trial_id") or Path(r.path).name):
+            FinishedTrial(dict(r.config or {}), dict(r.metrics or {}), functools.partial(trial_checkpoint, r))
+            for r in grid}

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -35,3 +36,12 @@ class DataBundle:
     @property
     def n_labelled(self) -> int:
         return int(self.labelled.sum())
+
+
+def labelled_ce(logits: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy over the labelled rows (``y >= 0``; -1 marks an unlabelled example), batch mean; a zero
+    that keeps the graph when no row is labelled (or ``y`` is None)."""
+    labelled = y >= 0 if y is not None else None
+    if labelled is None or not labelled.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[labelled], y[labelled])

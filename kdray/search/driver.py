@@ -28,6 +28,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from kdray.config import config_error_from
 from kdray.core.cache import get_cache
+from kdray.core.checkpoint import load_state, save_state
 from kdray.errors import ConfigError, KdrayError, first_line
 from kdray.experiment.configs import parse_config
 from kdray.experiment.run import cache_info, cache_request, prepare, run
@@ -241,7 +242,6 @@ def trial(config: dict, *, shared: list, space_raw: dict, base_raw: dict, base_d
           workers: int, cpus_per_worker: float, gpus_per_worker: float, storage_path: str) -> None:
     """The Tune function trainable: one distillation run, reporting and checkpointing every epoch."""
     import ray
-    import torch
     from ray import tune
 
 
@@ -264,11 +264,11 @@ def trial(config: dict, *, shared: list, space_raw: dict, base_raw: dict, base_d
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            start = torch.load(Path(d) / "state.pt", weights_only=True)
+            start = load_state(d)
 
     def report(metrics: dict, state_fn) -> None:
         with tempfile.TemporaryDirectory() as d:
-            torch.save(state_fn(), Path(d) / "state.pt")
+            save_state(d, state_fn())
             tune.report({**metrics, "max_epochs": max_epochs, "resumed_from": start["epoch"] if start else 0,
                          "node_id": ray.get_runtime_context().get_node_id()},
                         checkpoint=tune.Checkpoint.from_directory(d))

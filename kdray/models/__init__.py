@@ -35,7 +35,7 @@ import torch
 from pydantic import ConfigDict, Field, ValidationError, create_model
 from torch import nn
 
-from kdray.config import ModelSpec
+from kdray.config import ModelSpec, config_error_from
 from kdray.errors import ConfigError
 from kdray.plugins import Registry
 
@@ -343,9 +343,7 @@ def _check_kwargs(factory: Callable[..., Any], kwargs: dict[str, Any], field: st
     try:
         validator.model_validate({k: kwargs[k] for k in fields})
     except ValidationError as e:
-        err = e.errors()[0]
-        key = str(err["loc"][0]) if err["loc"] else next(iter(fields))
-        raise ConfigError(f"{field}.kwargs.{key}", kwargs.get(key), err["msg"]) from None
+        raise config_error_from(e, (field, "kwargs"), explain=lambda err: err["msg"]) from None
 
 
 def check_model_spec(spec: ModelSpec, field: str) -> None:

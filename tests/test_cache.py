@@ -232,7 +232,7 @@ def test_temporary_folders_of_killed_builds_are_swept(cache_root):
     import sys
     import time
 
-    from kdray.core.cache import _HOST, STALE_TMP_SECONDS
+    from kdray.core.cache_store import _HOST, STALE_TMP_SECONDS
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

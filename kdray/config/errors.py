@@ -2,7 +2,7 @@
 is allowed: the one translation every config, space and option model uses."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ValidationError
 
@@ -64,9 +64,13 @@ def _allowed(err: dict, root: type[BaseModel]) -> str:
     return err["msg"].removeprefix("Value error, ")
 
 
-def config_error_from(e: ValidationError, prefix: tuple = (), root: type[BaseModel] | None = None) -> ConfigError:
+def config_error_from(e: ValidationError, prefix: tuple = (), root: type[BaseModel] | None = None,
+                      explain: Optional[Callable[[dict], str]] = None) -> ConfigError:
     """The first error of a pydantic ValidationError as a ConfigError; ``root`` is the validated model
-    (default: ExperimentConfig), ``prefix`` the path of that model inside the whole config."""
+    (default: ExperimentConfig), ``prefix`` the path of that model inside the whole config (its parts may be
+    dotted: ``("teacher.recipe.data", "params")``). ``explain(error)``, when given, says what is allowed in
+    place of the default wording (a registry entry's parameters, in their own words)."""
     err = e.errors()[0]
     value = err.get("input") if err["type"] != "missing" else "<missing>"
-    return ConfigError(_field_name(prefix + tuple(err["loc"])), value, _allowed(err, root or ExperimentConfig))
+    allowed = explain(err) if explain is not None else _allowed(err, root or ExperimentConfig)
+    return ConfigError(_field_name(tuple(prefix) + tuple(err["loc"])), value, allowed)

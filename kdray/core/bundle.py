@@ -35,3 +35,5 @@ class DataBundle:
     @property
     def n_labelled(self) -> int:
         return int(self.labelled.sum())
+
+

@@ -16,7 +16,8 @@ An entry whose content covers a request (same teacher, data and dtype; a superse
 probes) serves it, so ``kdray train`` reuses what a search built.
 
 Plain PyTorch, NumPy and pyarrow: nothing here knows about Ray or MLflow. A search puts the loaded
-arrays in the Ray object store once; NumPy arrays come back from it zero-copy.
+arrays in the Ray object store once; NumPy arrays come back from it zero-copy. The files of an entry (Parquet, manifest checks, temporary folders)
+are :mod:`kdray.core.cache_store`.
 """
 from __future__ import annotations
 
@@ -24,9 +25,7 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import socket
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -39,14 +38,14 @@ from torch import nn
 
 from kdray.config import stable_hash
 from kdray.core.bundle import DataBundle
+from kdray.core.cache_store import (FORMAT, SPLITS, CorruptEntry, load_entry, read_manifest, sweep_stale_tmp,
+                                    tmp_folder, write_splits)
 from kdray.core.hooks import FeatureHooks
 from kdray.core.probes import Probe, ProbeReport, ProbeSpec, fit_probe, pool
 from kdray.paths import cache_dir
 
 log = logging.getLogger("kdray")
 
-FORMAT = "kdray-teacher-cache-v1"
-SPLITS = ("train", "val", "test")
 ENTRIES = "teacher_outputs"
 
 
@@ -201,43 +200,6 @@ def teacher_outputs(model: nn.Module, x: torch.Tensor, request: CacheRequest, ba
     return out
 
 
-def _write_parquet(path: Path, columns: dict[str, np.ndarray]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    arrays, names = [], []
-    for name, a in columns.items():
-        a = np.ascontiguousarray(a)
-        if a.ndim == 1:
-            arrays.append(pa.array(a))
-        else:
-            width = int(np.prod(a.shape[1:]))
-            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), width))
-        names.append(name)
-    pq.write_table(pa.Table.from_arrays(arrays, names=names), path, compression="none")
-
-
-def _read_parquet(path: Path, shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    out = {}
-    for name in table.column_names:
-        col = table.column(name).combine_chunks()
-        a = col.flatten().to_numpy(zero_copy_only=False) if hasattr(col, "flatten") and col.type.num_fields == 1 \
-            else col.to_numpy(zero_copy_only=False)
-        out[name] = a.reshape([-1, *shapes[name]]) if name in shapes else a
-    return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _compute_arrays(teacher: nn.Module, bundle: DataBundle, request: CacheRequest, batch_size: int,
                     device: torch.device) -> dict[str, dict[str, np.ndarray]]:
     """Per split: example ids, labels and the teacher's outputs."""
@@ -265,24 +227,13 @@ def _add_probe_predictions(arrays: dict, request: CacheRequest, num_classes: int
     return probes
 
 
-def _write_splits(folder: Path, arrays: dict) -> tuple[dict, dict]:
-    """One Parquet file per split in ``folder``: their manifest records and the column shapes."""
-    files, shapes = {}, {}
-    for split in SPLITS:
-        shapes.update({k: list(v.shape[1:]) for k, v in arrays[split].items()})
-        path = folder / f"{split}.parquet"
-        _write_parquet(path, arrays[split])
-        files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size, "rows": len(arrays[split]["label"])}
-    return files, shapes
-
-
 def _fill_entry(folder: Path, key: str, teacher: nn.Module, bundle: DataBundle, request: CacheRequest,
                 info: dict, batch_size: int, device: torch.device) -> None:
     """Run the teacher over every split, fit the probes, write the files and the manifest into ``folder``."""
     t0 = time.perf_counter()
     arrays = _compute_arrays(teacher, bundle, request, batch_size, device)
     probes = _add_probe_predictions(arrays, request, bundle.num_classes)
-    files, shapes = _write_splits(folder, arrays)
+    files, shapes = write_splits(folder, arrays)
     n = sum(f["rows"] for f in files.values())
     total = sum(f["bytes"] for f in files.values())
     manifest = {"format": FORMAT, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -297,7 +248,7 @@ def build_entry(root: Path, key: str, teacher: nn.Module, bundle: DataBundle, re
                 info: dict, batch_size: int, device: torch.device) -> Path:
     """Build the entry in a temporary folder and rename it into place; an interrupted or failed build
     (Ctrl-C included) removes its temporary folder (one left by a killed process is swept later)."""
-    tmp = root / f".{key}.{_HOST}.{os.getpid()}{TMP_SUFFIX}"
+    tmp = tmp_folder(root, key)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -313,130 +264,7 @@ def build_entry(root: Path, key: str, teacher: nn.Module, bundle: DataBundle, re
 
 
 # --------------------------------------------------------------------------------------------------
-# temporary folders of builds that never finished
-
-TMP_SUFFIX = ".tmp"
-STALE_TMP_SECONDS = 24 * 3600  # a temporary folder this old is stale whoever made it
-_HOST = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host"
-_TMP_NAME = re.compile(r"^\.[^.]+\.(?:(?P<host>[^.]+)\.)?(?P<pid>\d+)\.tmp$")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # it exists, owned by another user
-        return True
-    return True
-
-
-def _is_stale(path: Path, now: float) -> bool:
-    """Left by a build on this host whose process is gone, or older than ``STALE_TMP_SECONDS``."""
-    m = _TMP_NAME.match(path.name)
-    if m and m["host"] == _HOST and not _pid_alive(int(m["pid"])):
-        return True
-    try:
-        return now - path.stat().st_mtime > STALE_TMP_SECONDS
-    except OSError:  # removed meanwhile
-        return False
-
-
-def sweep_stale_tmp(root: Path) -> list[str]:
-    """Remove the temporary folders of builds killed before they could clean up; their names."""
-    now, removed = time.time(), []
-    for p in root.glob(f".*{TMP_SUFFIX}"):
-        if p.is_dir() and _is_stale(p, now):
-            shutil.rmtree(p, ignore_errors=True)
-            log.info("teacher cache: removed %s, left by a build that did not finish", p.name)
-            removed.append(p.name)
-    return removed
-
-
-# --------------------------------------------------------------------------------------------------
 # finding and loading entries
-
-
-class CorruptEntry(Exception):
-    pass
-
-
-_NUMBER = (int, float)
-_MANIFEST = {"format": str, "key": str, "created": str, "teacher": dict, "data": dict, "num_classes": int,
-             "request": dict, "shapes": dict, "files": dict, "probes": list, "examples": int, "bytes": _NUMBER,
-             "bytes_per_example": _NUMBER}
-_REQUEST = {"feature_layers": list, "probes": list, "dtype": str}
-_PROBE_SPEC = {"layer": str, "pooling": str, "l2": _NUMBER, "max_iter": int}
-_PROBE_RECORD = {**_PROBE_SPEC, "dim": int, "train_acc": _NUMBER, "val_acc": _NUMBER}
-_FILE = {"sha256": str, "bytes": int, "rows": int}
-_FILES = {f"{s}.parquet" for s in SPLITS}
-
-
-def _type_name(t) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
-    return " or ".join(names.get(x, x.__name__) for x in (t if isinstance(t, tuple) else (t,)))
-
-
-def _check_fields(obj, fields: dict, where: str) -> None:
-    """``obj`` is a dict with every field of ``fields`` of its type (booleans are not numbers)."""
-    if not isinstance(obj, dict):
-        raise CorruptEntry(f"{where} is {_type_name(type(obj))}, expected {_type_name(dict)}")
-    for name, t in fields.items():
-        if name not in obj:
-            raise CorruptEntry(f"{where} has no {name!r}")
-        if not isinstance(obj[name], t) or isinstance(obj[name], bool):
-            raise CorruptEntry(f"{where}: {name!r} is {obj[name]!r}, expected {_type_name(t)}")
-
-
-def _check_items(items: list, fields: dict, where: str) -> None:
-    for i, item in enumerate(items):
-        _check_fields(item, fields, f"{where}[{i}]")
-
-
-def check_manifest(m, folder: str) -> dict:
-    """``m`` when it has the shape this version writes (and the key of its folder), else CorruptEntry saying
-    what is wrong: every reader of a manifest can then index it without checks of its own."""
-    if isinstance(m, dict) and "format" in m and m["format"] != FORMAT:
-        raise CorruptEntry(f"format {m['format']!r}, expected {FORMAT!r}")
-    _check_fields(m, _MANIFEST, "manifest")
-    _check_fields(m["request"], _REQUEST, "manifest 'request'")
-    if not all(isinstance(x, str) for x in m["request"]["feature_layers"]):
-        raise CorruptEntry("manifest 'request': 'feature_layers' is not a list of strings")
-    _check_items(m["request"]["probes"], _PROBE_SPEC, "manifest 'request' probe")
-    _check_items(m["probes"], _PROBE_RECORD, "manifest probe")
-    if set(m["files"]) != _FILES:
-        raise CorruptEntry(f"manifest 'files' lists {sorted(m['files'])}, expected {sorted(_FILES)}")
-    _check_items(list(m["files"].values()), _FILE, "manifest file")
-    if not all(isinstance(v, list) and all(isinstance(d, int) for d in v) for v in m["shapes"].values()):
-        raise CorruptEntry("manifest 'shapes' is not a mapping of column to a list of integers")
-    if m["key"] != folder:
-        raise CorruptEntry(f"manifest key {m['key']!r} is not the folder name")
-    return m
-
-
-def read_manifest(path: Path) -> dict:
-    """The entry's checked manifest, or CorruptEntry (unreadable, not JSON, or the wrong shape)."""
-    try:
-        m = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CorruptEntry(f"manifest unreadable: {e}") from None
-    return check_manifest(m, path.name)
-
-
-def load_entry(path: Path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
-    """Manifest and arrays of an entry, every file checked against its SHA-256 first."""
-    m = read_manifest(path)
-    for name, f in m["files"].items():
-        p = path / name
-        if not p.is_file():
-            raise CorruptEntry(f"{name} is missing")
-        if _sha256(p) != f["sha256"]:
-            raise CorruptEntry(f"{name} does not match its checksum")
-    try:
-        arrays = {s: _read_parquet(path / f"{s}.parquet", m["shapes"]) for s in SPLITS}
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
-        raise CorruptEntry(f"unreadable: {e}") from None
-    return m, arrays
 
 
 def entries_root(cache_root: Optional[str] = None) -> Path:

@@ -2,9 +2,10 @@
 
 * :class:`Distiller` holds the student and the distillation terms (with their adapters) and computes
   the loss of one batch: ``ce_weight * CE(labelled) + sum(weight_i * term_i)``.
-* :func:`fit` runs the seeded epoch loop: batches (sharded by rank for DDP), the teacher signal,
-  optional online teacher updates, per-epoch evaluation, callbacks (for Ray Tune reporting and
-  checkpointing) and resumption from a saved state.
+* :func:`fit` runs the seeded epoch loop of a :class:`Trainer` (``fit -> train_epoch -> train_batch``,
+  then ``evaluate`` and ``end_epoch``): batches (sharded by rank for DDP), the teacher signal, optional
+  online teacher updates, per-epoch evaluation, callbacks (for Ray Tune reporting and checkpointing) and
+  resumption from a saved state.
 
 The same :func:`fit` trains the teacher from a recipe (no teacher, no terms) and every student, on one
 process or as a Ray Train worker.
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdray.config import DistillConfig, OptimConfig, TrainConfig
+from kdray.core.checkpoint import restore_training_state, training_state
 from kdray.core.hooks import FeatureHooks
 from kdray.core.methods import Signals, build_terms, kd_loss, labelled_ce
 from kdray.errors import DivergedError
@@ -201,116 +203,151 @@ class FitResult:
 EpochCallback = Callable[[dict[str, float], Callable[[], dict[str, Any]]], None]
 
 
-def fit(
-    distiller: Distiller,
-    data: Data,
-    train: TrainConfig,
-    *,
-    seed: int,
-    teacher: Optional[TeacherSignal] = None,
-    online_teacher: Optional[nn.Module] = None,
-    teacher_val_pred: Optional[torch.Tensor] = None,
-    callbacks: tuple[EpochCallback, ...] = (),
-    start_state: Optional[dict[str, Any]] = None,
-    rank: int = 0,
-    world_size: int = 1,
-    module: Optional[nn.Module] = None,
-    progress: Optional[Callable[[int, dict], None]] = None,
-) -> FitResult:
-    """Train ``distiller`` for ``train.epochs`` epochs.
+class Trainer:
+    """The epoch loop in named steps, mdistiller's ``train -> train_epoch -> train_iter``: :meth:`fit` runs
+    :meth:`train_epoch` for every epoch, which runs :meth:`train_batch` on every batch of this rank's shard
+    (:meth:`check_finite` on its losses); :meth:`evaluate` measures the epoch and :meth:`end_epoch` reports it
+    to the progress bar and the callbacks. A variant overrides one step. See :func:`fit` for the arguments."""
 
-    ``module`` is what is called for the forward pass (the Distiller itself, or a DDP wrapper of it).
-    ``online_teacher`` (online scheme) is trained together with the student by mutual learning; the
-    student's KD terms then see its detached outputs through ``teacher``.
-    ``teacher_val_pred`` are the teacher's validation predictions, for the agreement metric.
-    Each callback gets the epoch's metrics and a function returning the full training state
-    (a ``torch.save``-able dict that ``start_state`` accepts to resume). Raise :class:`StopTraining`
-    from a callback to stop.
-    """
-    module = module or distiller
-    device = next(distiller.parameters()).device
-    params = [p for p in distiller.parameters() if p.requires_grad]
-    opt = make_optimizer(params, train.optimizer)
-    sched = make_scheduler(opt, train.optimizer, train.epochs)
-    t_opt = make_optimizer(list(online_teacher.parameters()), train.optimizer) if online_teacher else None
-    history: list[dict[str, float]] = []
-    first_epoch = 1
-    if start_state:
-        distiller.load_state_dict(start_state["distiller"])
-        opt.load_state_dict(start_state["optimizer"])
-        sched.load_state_dict(start_state["scheduler"])
-        if online_teacher is not None:
-            online_teacher.load_state_dict(start_state["online_teacher"])
-            t_opt.load_state_dict(start_state["teacher_optimizer"])
-        history = list(start_state["history"])
-        first_epoch = start_state["epoch"] + 1
+    def __init__(self, distiller: Distiller, data: Data, train: TrainConfig, *, seed: int,
+                 teacher: Optional[TeacherSignal] = None, online_teacher: Optional[nn.Module] = None,
+                 teacher_val_pred: Optional[torch.Tensor] = None, callbacks: tuple[EpochCallback, ...] = (),
+                 rank: int = 0, world_size: int = 1, module: Optional[nn.Module] = None,
+                 progress: Optional[Callable[[int, dict], None]] = None):
+        self.distiller, self.data, self.train, self.seed = distiller, data, train, seed
+        self.teacher, self.online_teacher, self.teacher_val_pred = teacher, online_teacher, teacher_val_pred
+        self.callbacks, self.rank, self.world_size, self.progress = callbacks, rank, world_size, progress
+        self.module = module or distiller
+        self.device = next(distiller.parameters()).device
+        self.params = [p for p in distiller.parameters() if p.requires_grad]
+        self.opt = make_optimizer(self.params, train.optimizer)
+        self.sched = make_scheduler(self.opt, train.optimizer, train.epochs)
+        self.t_opt = make_optimizer(list(online_teacher.parameters()), train.optimizer) if online_teacher else None
+        self.history: list[dict[str, float]] = []
+        self.first_epoch = 1
+        self.per_rank = len(data.x_train) // world_size
 
-    def state(epoch: int) -> dict[str, Any]:
-        s = {"distiller": distiller.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "epoch": epoch, "history": history}
-        if online_teacher is not None:
-            s["online_teacher"] = online_teacher.state_dict()
-            s["teacher_optimizer"] = t_opt.state_dict()
-        return s
+    # the training state (its format: kdray.core.checkpoint)
 
-    n = len(data.x_train)
-    per_rank = n // world_size
-    stopped = False
-    for epoch in range(first_epoch, train.epochs + 1):
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)  # same on every rank
-        order = torch.randperm(n, generator=gen)[rank * per_rank:(rank + 1) * per_rank]
+    def _parts(self) -> dict[str, Any]:
+        return {"distiller": self.distiller, "optimizer": self.opt, "scheduler": self.sched,
+                "online_teacher": self.online_teacher, "teacher_optimizer": self.t_opt}
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue after the epoch that ``state`` (from :meth:`state`) ends with."""
+        epoch, self.history = restore_training_state(state, self._parts())
+        self.first_epoch = epoch + 1
+
+    def state(self, epoch: int) -> dict[str, Any]:
+        return training_state(epoch, self.history, self._parts())
+
+    # the steps
+
+    def fit(self) -> FitResult:
+        stopped = False
+        for epoch in range(self.first_epoch, self.train.epochs + 1):
+            t0 = time.perf_counter()
+            losses = self.train_epoch(epoch)
+            metrics = {"epoch": epoch, **losses, **self.evaluate(epoch, t0)}
+            if not self.end_epoch(epoch, metrics):
+                stopped = True
+                break
+        return FitResult(self.history, stopped, self.state(self.history[-1]["epoch"] if self.history else 0))
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over this rank's shard of a seeded permutation (the same on every rank), then the LR
+        schedule's step; the mean of each loss (``loss``, ``loss_<part>``)."""
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)  # same on every rank
+        order = torch.randperm(len(self.data.x_train), generator=gen)
+        order = order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
         sums: dict[str, float] = {}
         batches = 0
-        distiller.train()
-        if online_teacher is not None:
-            online_teacher.train()
-        for start in range(0, per_rank, data.batch_size):
-            idx = order[start:start + data.batch_size]
-            x = data.x_train[idx].to(device, non_blocking=True)
-            y = data.y_train[idx].to(device, non_blocking=True)
-            if data.augment is not None:
-                x = data.augment(x, gen)
-            t_out = teacher.outputs(idx, x) if teacher is not None else TeacherOutputs(None)
-            loss, parts, s_logits = module(x, y, t_out)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if train.max_grad_norm:
-                nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-            opt.step()
-            if online_teacher is not None:
-                parts["teacher"] = _online_teacher_step(online_teacher, t_opt, x, y, s_logits.detach(), distiller)
-            values = {k: float(v.detach()) for k, v in parts.items()}
-            values["loss"] = float(loss.detach())
+        self.distiller.train()
+        if self.online_teacher is not None:
+            self.online_teacher.train()
+        for start in range(0, self.per_rank, self.data.batch_size):
+            values = self.train_batch(order[start:start + self.data.batch_size], gen)
+            self.check_finite(epoch, values)
             for k, v in values.items():
-                if not math.isfinite(v):
-                    raise DivergedError(epoch, k, v)
                 sums[k] = sums.get(k, 0.0) + v
             batches += 1
-        sched.step()
-        metrics: dict[str, float] = {"epoch": epoch}
-        metrics.update({("loss" if k == "loss" else f"loss_{k}"): v / max(batches, 1) for k, v in sums.items()})
-        val_logits = predict(distiller.student, data.x_val.to(device), data.eval_batch_size)
-        metrics["val_acc"] = accuracy(val_logits, data.y_val.to(device))
-        metrics["val_loss"] = F.cross_entropy(val_logits, data.y_val.to(device)).item() if len(data.y_val) else math.nan
-        if teacher_val_pred is not None and len(data.y_val):
-            metrics["teacher_agreement"] = (val_logits.argmax(1).cpu() == teacher_val_pred.cpu()).float().mean().item()
+        self.sched.step()
+        return {("loss" if k == "loss" else f"loss_{k}"): v / max(batches, 1) for k, v in sums.items()}
+
+    def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
+        """One optimiser step on the examples ``idx`` (and the online teacher's); the batch's loss values."""
+        x = self.data.x_train[idx].to(self.device, non_blocking=True)
+        y = self.data.y_train[idx].to(self.device, non_blocking=True)
+        if self.data.augment is not None:
+            x = self.data.augment(x, gen)
+        t_out = self.teacher.outputs(idx, x) if self.teacher is not None else TeacherOutputs(None)
+        loss, parts, s_logits = self.module(x, y, t_out)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.train.max_grad_norm:
+            nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
+        self.opt.step()
+        if self.online_teacher is not None:
+            parts["teacher"] = _online_teacher_step(self.online_teacher, self.t_opt, x, y, s_logits.detach(),
+                                                    self.distiller)
+        values = {k: float(v.detach()) for k, v in parts.items()}
+        values["loss"] = float(loss.detach())
+        return values
+
+    def check_finite(self, epoch: int, values: dict[str, float]) -> None:
+        """The divergence check: a DivergedError naming the first loss that is inf or nan."""
+        for k, v in values.items():
+            if not math.isfinite(v):
+                raise DivergedError(epoch, k, v)
+
+    def evaluate(self, epoch: int, t0: float) -> dict[str, float]:
+        """Validation accuracy, loss and agreement with the teacher; the epoch's time (since ``t0``, a ``time.perf_counter()``), throughput
+        and LR; on the last epoch the test metrics when the data has a test split."""
+        data, device = self.data, self.device
+        val_logits = predict(self.distiller.student, data.x_val.to(device), data.eval_batch_size)
+        y_val = data.y_val.to(device)
+        metrics = {"val_acc": accuracy(val_logits, y_val),
+                   "val_loss": F.cross_entropy(val_logits, y_val).item() if len(data.y_val) else math.nan}
+        if self.teacher_val_pred is not None and len(data.y_val):
+            agree = val_logits.argmax(1).cpu() == self.teacher_val_pred.cpu()
+            metrics["teacher_agreement"] = agree.float().mean().item()
         elapsed = time.perf_counter() - t0
-        metrics["epoch_time_s"] = elapsed
-        metrics["samples_per_s"] = per_rank * world_size / elapsed
-        metrics["lr"] = opt.param_groups[0]["lr"]
-        if epoch == train.epochs and data.x_test is not None:
-            metrics.update(test_metrics(distiller.student, data))
-        history.append(metrics)
-        if progress is not None:
-            progress(epoch, metrics)
+        metrics.update(epoch_time_s=elapsed, samples_per_s=self.per_rank * self.world_size / elapsed,
+                       lr=self.opt.param_groups[0]["lr"])
+        if epoch == self.train.epochs and data.x_test is not None:
+            metrics.update(test_metrics(self.distiller.student, data))
+        return metrics
+
+    def end_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Record the epoch, show it, hand it to the callbacks; False when one raised :class:`StopTraining`."""
+        self.history.append(metrics)
+        if self.progress is not None:
+            self.progress(epoch, metrics)
         try:
-            for cb in callbacks:
-                cb(metrics, lambda e=epoch: state(e))
+            for cb in self.callbacks:
+                cb(metrics, lambda e=epoch: self.state(e))
         except StopTraining:
-            stopped = True
-            break
-    return FitResult(history, stopped, state(history[-1]["epoch"] if history else 0))
+            return False
+        return True
+
+
+def fit(distiller: Distiller, data: Data, train: TrainConfig, *, seed: int,
+        start_state: Optional[dict[str, Any]] = None, trainer: type[Trainer] = Trainer, **options: Any) -> FitResult:
+    """Train ``distiller`` for ``train.epochs`` epochs (with ``trainer``, :class:`Trainer` or a variant of it).
+
+    ``options`` are the Trainer's: ``module`` is what is called for the forward pass (the Distiller itself, or
+    a DDP wrapper of it); ``teacher`` gives the teacher's outputs of a batch; ``online_teacher`` (online scheme)
+    is trained together with the student by mutual learning, the student's KD terms then see its detached
+    outputs through ``teacher``; ``teacher_val_pred`` are the teacher's validation predictions, for the
+    agreement metric; ``rank`` / ``world_size`` shard the batches; ``progress(epoch, metrics)`` shows them.
+    Each callback gets the epoch's metrics and a function returning the full training state
+    (a ``torch.save``-able dict, :func:`kdray.core.checkpoint.training_state`, that ``start_state`` accepts to
+    resume). Raise :class:`StopTraining` from a callback to stop.
+    """
+    t = trainer(distiller, data, train, seed=seed, **options)
+    if start_state:
+        t.resume(start_state)
+    return t.fit()
 
 
 def mutual_learning_loss(t_logits: torch.Tensor, y: torch.Tensor, s_logits: torch.Tensor, T: float) -> torch.Tensor:

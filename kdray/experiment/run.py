@@ -1,8 +1,9 @@
 """One experiment from config to saved student: the pipeline behind ``kdray train`` and each trial.
 
-:func:`prepare` does the work shared by every run of a search (data, teacher), :func:`build` checks
-the layers against the real models on one batch and sets up the distiller, the probes and the teacher
-signal, and :func:`run` trains, tests and saves. Nothing here knows about Ray or MLflow; they call in
+:func:`prepare` does the work shared by every run of a search (data, teacher), :func:`build`
+(:mod:`kdray.experiment.teacher_signal`) checks the layers against the real models on one batch and sets
+up the distiller, the probes and the teacher signal, and :func:`run` trains (:func:`train_student`),
+tests (:func:`summarise`) and saves (:func:`save_run`). Nothing here knows about Ray or MLflow; they call in
 through ``callbacks`` and ``start_state``.
 """
 from __future__ import annotations
@@ -10,11 +11,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import yaml
@@ -24,34 +24,28 @@ from torch import nn
 from kdray.config import ExperimentConfig, config_error_from
 from kdray.core import compress as c
 from kdray.core.bundle import DataBundle
-from kdray.core.cache import CacheRequest, TeacherCache, get_cache
+from kdray.core.cache import CacheRequest, get_cache
 from kdray.core.checkpoint import save_model
 from kdray.core.compress import gzip_bytes, latency_ms
-from kdray.core.hooks import list_layers, output_shapes
-from kdray.core.methods import KD, TEACHER_LAYERS, ProbeKD, build_terms
+from kdray.core.hooks import list_layers
+from kdray.core.methods import KD, ProbeKD
 from kdray.core.probes import ProbeReport, ProbeSpec
 from kdray.core.progress import epoch_bar
-from kdray.core.signals import (LiveTeacher, PrecomputedTeacher, TeacherEnsemble, fit_probes, mix_logits, probe_specs,
-                                teacher_pass)
-from kdray.core.train import (Data, Distiller, EpochCallback, accuracy, fit, predict, resolve_device, seed_everything,
+from kdray.core.signals import LiveTeacher, TeacherEnsemble
+from kdray.core.train import (Data, EpochCallback, FitResult, accuracy, fit, predict, resolve_device, seed_everything,
                               test_metrics)
 from kdray.data import make_bundle
 from kdray.errors import ConfigError, KdrayError
 from kdray.experiment.configs import parse_config
-from kdray.experiment.preflight import build_distiller, check_data, check_devices, check_experiment, check_forward
-from kdray.experiment.teachers import ensemble_architecture, ensemble_mix, get_teachers, teacher_for
+from kdray.experiment.preflight import check_data, check_devices, check_experiment, check_forward
+from kdray.experiment.teacher_signal import Built, Prepared, build, cache_info, cache_request
+from kdray.experiment.teachers import ensemble_architecture, ensemble_mix, get_teachers
 from kdray.models import build_model, count_parameters
 
+__all__ = ["Built", "Prepared", "RunSummary", "born_again", "build", "cache_info", "cache_request", "compress",
+           "export_metrics", "list_model_layers", "prepare", "probe_layer_accuracies", "run", "save_run"]
+
 log = logging.getLogger("kdray")
-
-
-@dataclass
-class Prepared:
-    """Shared by all runs on the same data and teacher: built once per search."""
-    bundle: DataBundle
-    teacher: Optional[nn.Module]
-    teacher_info: dict[str, Any]
-    cache: Optional[TeacherCache] = None  # teacher outputs for every example (a search fills it up-front)
 
 
 def prepare(cfg: ExperimentConfig) -> Prepared:
@@ -66,142 +60,6 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         info["teacher_classes"] = t_logits.shape[1]
         info["teacher_params"] = count_parameters(teacher)
     return Prepared(bundle, teacher, info)
-
-
-@dataclass
-class Built:
-    distiller: Distiller
-    signal: Any  # a TeacherSignal, or None without a teacher
-    online_teacher: Optional[nn.Module]
-    probes: list[ProbeReport]
-    teacher_val_pred: Optional[torch.Tensor]
-    teacher_test_pred: Optional[torch.Tensor]
-    int8: Optional[nn.Module] = None  # the dynamically quantized student, when cfg.export.quantize
-
-
-def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
-    """Check layers and shapes, build adapters, fit probes, choose the teacher signal."""
-    b = prep.bundle
-    example = b.x_train[: min(len(b.x_train), cfg.data.batch_size)].to(device)
-    teacher = teacher_for(prep.teacher.to(device), cfg) if prep.teacher is not None else None
-    distiller = build_distiller(cfg, teacher, b.num_classes, example, b.name)
-    if teacher is None:
-        return Built(distiller, None, None, [], None, None)
-    eval_bs = cfg.data.eval_batch_size
-    same_classes = prep.teacher_info.get("teacher_classes") == b.num_classes
-    specs = probe_specs(distiller.terms)
-    if cfg.distill.scheme == "offline" and b.augment is None and cfg.teacher_cache.enabled and \
-            (req := cache_request([cfg], prep, example)) is not None:
-        cache = usable_cache(cfg, prep, req, device)
-        signal, reports = cached_signal(cache, distiller, specs, teacher)
-        val_pred, test_pred = [cached_logits(cache, s, teacher).argmax(1)
-                               if same_classes and len(cache.arrays[s]["label"]) else None for s in ("val", "test")]
-        return Built(distiller, signal, None, reports, val_pred, test_pred)
-    teacher_val_pred = (predict(teacher, b.x_val.to(device), eval_bs).argmax(1).cpu()
-                        if same_classes and len(b.x_val) else None)
-    teacher_test_pred = predict(teacher, b.x_test.to(device), eval_bs).argmax(1).cpu() if same_classes else None
-    if cfg.distill.scheme == "online":
-        teacher = copy.deepcopy(teacher).train().requires_grad_(True)  # the shared one stays frozen
-        return Built(distiller, LiveTeacher(teacher, distiller.teacher_layers, {}), teacher, [], teacher_val_pred,
-                     teacher_test_pred)
-    if b.augment is not None:
-        log.info("teacher signal: live (inputs are augmented, so cached teacher outputs would not match)")
-    probe_layers = [s.layer for s in specs]
-    # augmented inputs: the teacher runs live, so only the probes' layers are needed up-front
-    layers = sorted(set(probe_layers) if b.augment is not None else set(distiller.teacher_layers) | set(probe_layers))
-    t0 = time.perf_counter()
-    logits, feats = teacher_pass(teacher, b.x_train.to(device), layers, eval_bs)
-    _, val_feats = teacher_pass(teacher, b.x_val.to(device), probe_layers, eval_bs)
-    probes, reports = fit_probes(specs, feats, b.y_train.to(device), val_feats, b.y_val.to(device), b.num_classes)
-    if b.augment is not None:
-        signal: Any = LiveTeacher(teacher, distiller.teacher_layers, probes)
-    else:
-        probe_logits = {p: probe(feats[p]) for p, probe in probes.items()}
-        signal = PrecomputedTeacher(logits, {p: feats[p] for p in feature_layers(distiller.terms)}, probe_logits)
-        log.info("teacher signal: computed once in memory for %d examples in %.2fs (not cached)", len(b.x_train),
-                 time.perf_counter() - t0)
-    return Built(distiller, signal, None, reports, teacher_val_pred, teacher_test_pred)
-
-
-# --------------------------------------------------------------------------------------------------
-# the teacher cache (kdray.core.cache) as the teacher signal
-
-
-def feature_layers(terms: Iterable[Any]) -> list[str]:
-    """Teacher layers whose full outputs a term reads (a term reading probes only needs its probe's output)."""
-    return sorted({p for m in terms if TEACHER_LAYERS in m.reads for p in m.teacher_layers})
-
-
-def cache_request(cfgs: list[ExperimentConfig], prep: Prepared, example: torch.Tensor) -> Optional[CacheRequest]:
-    """What the offline runs of ``cfgs`` (one run, or every corner of a search space) need from the teacher,
-    in float16 when float32 would exceed the feature budget; None when even float16 would (then each run
-    computes the teacher's outputs in memory, uncached)."""
-
-    members = tuple(prep.teacher.member_paths) if isinstance(prep.teacher, TeacherEnsemble) else ()
-    req = CacheRequest(members, dtype=cfgs[0].teacher_cache.dtype)  # an ensemble: every member's logits
-    for cfg in cfgs:
-        if cfg.distill.scheme == "offline":
-            terms = [m for _, _, m in build_terms(cfg.distill.terms, cfg.distill.temperature)]
-            req = req.union(CacheRequest(tuple(feature_layers(terms)), tuple(probe_specs(terms)), req.dtype))
-    return fit_budget(req, cfgs[0], prep, example)
-
-
-def fit_budget(req: CacheRequest, cfg: ExperimentConfig, prep: Prepared, example: torch.Tensor
-               ) -> Optional[CacheRequest]:
-    if not req.feature_layers or prep.teacher is None:
-        return req
-    b = prep.bundle
-    n = len(b.x_train) + len(b.x_val) + len(b.x_test)
-    shapes = output_shapes(prep.teacher, example[:2].to(next(prep.teacher.parameters()).device),
-                           list(req.feature_layers), "teacher_layers")
-    per_example = sum(math.prod(s[1:]) for s in shapes.values())
-    budget = cfg.teacher_cache.max_feature_mb * 1e6
-    size = lambda dtype: n * per_example * (2 if dtype == "float16" else 4)  # noqa: E731
-    if size(req.dtype) <= budget:
-        return req
-    if size("float16") <= budget:
-        log.info("teacher cache: full outputs of %s take %.0f MB in %s, over teacher_cache.max_feature_mb=%g: "
-                 "storing them in float16", ", ".join(req.feature_layers), size(req.dtype) / 1e6, req.dtype,
-                 cfg.teacher_cache.max_feature_mb)
-        return CacheRequest(req.feature_layers, req.probes, "float16")
-    log.info("teacher cache: full outputs of %s take %.0f MB even in float16, over teacher_cache.max_feature_mb=%g:"
-             " not cached", ", ".join(req.feature_layers), size("float16") / 1e6, cfg.teacher_cache.max_feature_mb)
-    return None
-
-
-def usable_cache(cfg: ExperimentConfig, prep: Prepared, req: CacheRequest, device: torch.device) -> TeacherCache:
-    if prep.cache is not None and prep.cache.covers(req):
-        return prep.cache
-    return get_cache(prep.teacher, prep.bundle, req, cache_root=cfg.cache_dir, info=cache_info(cfg),
-                     batch_size=cfg.data.eval_batch_size, device=device)
-
-
-def cache_info(cfg: ExperimentConfig) -> dict:
-    return {"teacher": {"model": cfg.teacher.model.name if cfg.teacher else ""},
-            "data": {"config": cfg.data.model_dump(mode="json")}}
-
-
-def cached_logits(cache: TeacherCache, split: str, teacher: Optional[nn.Module]) -> torch.Tensor:
-    """The teacher's logits for ``split`` from the cache; an ensemble's mixed from its members' cached logits
-    with the weights and temperature of this run."""
-    if isinstance(teacher, TeacherEnsemble):
-        return mix_logits([cache.tensor(split, f"feat/{p}") for p in teacher.member_paths], teacher.weights,
-                          teacher.temperature)
-    return cache.tensor(split, "logits")
-
-
-def cached_signal(cache: TeacherCache, distiller: Distiller, specs: list, teacher: Optional[nn.Module] = None
-                  ) -> tuple[PrecomputedTeacher, list]:
-    probe_logits, reports = {}, []
-    for spec in specs:
-        logits, report = cache.probe(spec)
-        probe_logits[spec.layer] = logits
-        reports.append(report)
-    signal = PrecomputedTeacher(cached_logits(cache, "train", teacher),
-                                {p: cache.tensor("train", f"feat/{p}") for p in feature_layers(distiller.terms)},
-                                probe_logits)
-    log.info("teacher signal: from the teacher cache (entry %s, %s)", cache.key, "hit" if cache.hit else "built now")
-    return signal, reports
 
 
 @dataclass
@@ -243,68 +101,93 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
     b = prep.bundle
     data = Data(b.x_train, b.y_train, b.x_val, b.y_val, cfg.data.batch_size, cfg.data.eval_batch_size, b.augment,
                 b.x_test, b.y_test, built.teacher_test_pred)
-    module = wrap(built.distiller) if wrap else built.distiller
-    if built.probes:  # every epoch's report says how well the probes behind the soft targets do the task
-        probe_acc = {"probe_val_acc": sum(r.val_acc for r in built.probes) / len(built.probes)}
-        callbacks = tuple((lambda cb: lambda m, state_fn: cb({**m, **probe_acc}, state_fn))(cb) for cb in callbacks)
-    show = cfg.train.progress and rank == 0
-    export: dict[str, Any] = {}
-    first: list[EpochCallback] = []  # run before the caller's callbacks, adding to the epoch's metrics
+    teacher_info = run_teacher_info(cfg, prep, built)
+    export: dict[str, Any] = {}  # filled by the compression after the last epoch
+    callbacks = (*run_callbacks(cfg, built, data, export, teacher_info, rank, world_size),
+                 *with_probe_accuracy(callbacks, built.probes))
+    result = train_student(cfg, built, data, callbacks, start_state, rank, world_size, wrap)
+    summary = summarise(cfg, built, data, result, export, teacher_info, time.perf_counter() - t0)
+    if output_dir is not None and rank == 0:
+        summary.output_dir = str(save_run(Path(output_dir), cfg, built.distiller.student, b, summary, built.int8))
+    return summary
 
-    def compress_last(metrics: dict, state_fn) -> None:
-        # compressed before the last epoch is reported, so a search sees (and registers) the exported student
-        if metrics["epoch"] == cfg.train.epochs and not export:
-            export.update(compress(cfg, built, data))
-            metrics.update(export_metrics(export))
 
-    if (cfg.export.sparsity > 0 or cfg.export.quantize) and world_size == 1:
-        first.append(compress_last)
-    n_params = float(count_parameters(built.distiller.student))
+def run_teacher_info(cfg: ExperimentConfig, prep: Prepared, built: Built) -> dict[str, Any]:
+    """What the summary says of the teacher: the prepared facts, and an ensemble's mix in this run."""
     teacher_info = dict(prep.teacher_info)
     if isinstance(prep.teacher, TeacherEnsemble):  # this run's mix of the members (a search may draw the weights)
         w, _ = ensemble_mix(cfg)
         teacher_info["ensemble_weights"] = [x / sum(w) for x in w]
         if built.teacher_test_pred is not None:
-            teacher_info["teacher_test_acc"] = (built.teacher_test_pred.cpu() == b.y_test).float().mean().item()
+            y_test = prep.bundle.y_test
+            teacher_info["teacher_test_acc"] = (built.teacher_test_pred.cpu() == y_test).float().mean().item()
+    return teacher_info
 
-    def student_facts(metrics: dict, state_fn) -> None:  # what a multi-objective search may weigh
+
+def with_probe_accuracy(callbacks: tuple[EpochCallback, ...], probes: list[ProbeReport]) -> tuple[EpochCallback, ...]:
+    """The caller's callbacks, each seeing how well the probes behind the soft targets do the task."""
+    if not probes:
+        return callbacks
+    probe_acc = {"probe_val_acc": sum(r.val_acc for r in probes) / len(probes)}
+    return tuple((lambda cb: lambda m, state_fn: cb({**m, **probe_acc}, state_fn))(cb) for cb in callbacks)
+
+
+def run_callbacks(cfg: ExperimentConfig, built: Built, data: Data, export: dict[str, Any], teacher_info: dict,
+                  rank: int, world_size: int) -> tuple[EpochCallback, ...]:
+    """The run's own callbacks, called before the caller's and adding to the epoch's metrics: the compression
+    of the student after the last epoch (into ``export``) and the facts a multi-objective search may weigh."""
+    last = cfg.train.epochs
+    student = built.distiller.student
+    n_params = float(count_parameters(student))
+
+    def compress_last(metrics: dict, state_fn) -> None:
+        # compressed before the last epoch is reported, so a search sees (and registers) the exported student
+        if metrics["epoch"] == last and not export:
+            export.update(compress(cfg, built, data))
+            metrics.update(export_metrics(export))
+
+    def student_facts(metrics: dict, state_fn) -> None:
         metrics["student_params"] = n_params
-        if metrics["epoch"] == cfg.train.epochs and rank == 0:  # the student as shipped: int8, pruned or float
-
+        if metrics["epoch"] == last and rank == 0:  # the student as shipped: int8, pruned or float
             shipped = export.get("int8") or export.get("pruned")  # already measured by compress_last
-            metrics["student_gzip_bytes"] = float(shipped["gzip_bytes"] if shipped else
-                                                  gzip_bytes(built.distiller.student))
-        if "teacher_test_acc" in teacher_info and metrics["epoch"] == cfg.train.epochs:
+            metrics["student_gzip_bytes"] = float(shipped["gzip_bytes"] if shipped else gzip_bytes(student))
+        if "teacher_test_acc" in teacher_info and metrics["epoch"] == last:
             metrics["teacher_test_acc"] = teacher_info["teacher_test_acc"]
-        if cfg.export.measure_latency and metrics["epoch"] == cfg.train.epochs:
+        if cfg.export.measure_latency and metrics["epoch"] == last:
+            metrics["latency_ms"] = latency_ms(student, data.x_test[:100])
 
-            metrics["latency_ms"] = latency_ms(built.distiller.student, b.x_test[:100])
+    compressing = (cfg.export.sparsity > 0 or cfg.export.quantize) and world_size == 1
+    return (compress_last, student_facts) if compressing else (student_facts,)
 
-    callbacks = (*first, student_facts, *callbacks)
+
+def train_student(cfg: ExperimentConfig, built: Built, data: Data, callbacks: tuple[EpochCallback, ...],
+                  start_state: Optional[dict], rank: int, world_size: int, wrap=None) -> FitResult:
+    """The epoch loop under a progress bar (rank 0); the distiller's and the live teacher's hooks are removed
+    afterwards, whatever happens."""
+    module = wrap(built.distiller) if wrap else built.distiller
     try:
-        with epoch_bar(cfg.train.epochs, cfg.name, show) as bar:
-            result = fit(built.distiller, data, cfg.train, seed=cfg.seed, teacher=built.signal,
-                         online_teacher=built.online_teacher, teacher_val_pred=built.teacher_val_pred,
-                         callbacks=callbacks, start_state=start_state, rank=rank, world_size=world_size,
-                         module=module, progress=bar)
+        with epoch_bar(cfg.train.epochs, cfg.name, cfg.train.progress and rank == 0) as bar:
+            return fit(built.distiller, data, cfg.train, seed=cfg.seed, teacher=built.signal,
+                       online_teacher=built.online_teacher, teacher_val_pred=built.teacher_val_pred,
+                       callbacks=callbacks, start_state=start_state, rank=rank, world_size=world_size,
+                       module=module, progress=bar)
     finally:
         built.distiller.close()
         if isinstance(built.signal, LiveTeacher):
             built.signal.close()
-    student = built.distiller.student
-    final = (result.history[-1] if result.history and "test_acc" in result.history[-1] and not export
-             else test_metrics(student, data))
-    hist = result.history
-    summary = RunSummary(
+
+
+def summarise(cfg: ExperimentConfig, built: Built, data: Data, result: FitResult, export: dict[str, Any],
+              teacher_info: dict, seconds: float) -> RunSummary:
+    """The run's summary; the test metrics of the last epoch (measured again if compression changed the student)."""
+    student, hist = built.distiller.student, result.history
+    final = hist[-1] if hist and "test_acc" in hist[-1] and not export else test_metrics(student, data)
+    return RunSummary(
         name=cfg.name, test_acc=final["test_acc"],
         best_val_acc=max(h["val_acc"] for h in hist), final_val_acc=hist[-1]["val_acc"], epochs=len(hist),
-        stopped_early=result.stopped_early, student_params=count_parameters(student),
-        seconds=time.perf_counter() - t0, teacher=teacher_info,
-        probes=[asdict(r) for r in built.probes], test_teacher_agreement=final.get("test_teacher_agreement"), history=hist,
-        export=export)
-    if output_dir is not None and rank == 0:
-        summary.output_dir = str(save_run(Path(output_dir), cfg, student, b, summary, built.int8))
-    return summary
+        stopped_early=result.stopped_early, student_params=count_parameters(student), seconds=seconds,
+        teacher=teacher_info, probes=[asdict(r) for r in built.probes],
+        test_teacher_agreement=final.get("test_teacher_agreement"), history=hist, export=export)
 
 
 def compress(cfg: ExperimentConfig, built: Built, data: Data) -> dict[str, Any]:

@@ -40,13 +40,12 @@ from typing import Any, Optional
 import torch
 
 from kdray.config import ExperimentConfig
+from kdray.core.checkpoint import STATE_FILE, load_state, save_state
 from kdray.errors import ConfigError, KdrayError
 from kdray.experiment.configs import parse_config
 from kdray.experiment.run import run
 
 log = logging.getLogger("kdray")
-
-STATE_FILE = "state.pt"
 
 # What a Tune trial that only drives a TorchTrainer reserves for itself. It does no computing (it waits
 # on the Train controller), so it must not hold a CPU the workers need: with a CPU reservation, even a
@@ -153,7 +152,7 @@ def _load_start_state() -> Optional[dict[str, Any]]:
         path = os.path.join(d, STATE_FILE)
         if not os.path.isfile(path):
             raise DistributedTrialError(f"checkpoint {ckpt.path} has no {STATE_FILE}")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_state(d)
 
 
 def worker_loop(config: dict) -> None:
@@ -202,7 +201,7 @@ def worker_loop(config: dict) -> None:
             ray.train.report(out, checkpoint=None)
             return
         with tempfile.TemporaryDirectory(prefix="kdray-ckpt-") as d:
-            torch.save(state_fn(), os.path.join(d, STATE_FILE))
+            save_state(d, state_fn())
             ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     run(cfg, prep, callbacks=(report,), start_state=start_state, rank=rank, world_size=world, wrap=wrap)

@@ -32,8 +32,7 @@ from kdray.paths import check_cache_dir
 from kdray.search.callbacks import Progress, this_run
 from kdray.search.prometheus import SearchMetrics
 from kdray.search.ray_cluster import check_cluster_fits, init_ray
-from kdray.search.results import (RESULTS_FILE, default_storage, read_results, results_frame, top_table,
-                                  write_results)
+from kdray.search.results import RESULTS_FILE, default_storage, read_results, results_frame, top_table, write_results
 from kdray.search.trial import finished_trials, hard_label_baseline
 from kdray.search.tuner import make_trainable, make_tuner, sigterm_stops_tune
 

@@ -9,11 +9,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from kdray.core.checkpoint import load_state, save_state
 from kdray.errors import KdrayError
 from kdray.experiment.configs import parse_config
 from kdray.experiment.run import run
 from kdray.experiment.space import SearchSpace, trial_raw
-from kdray.search.distributed import STATE_FILE
 
 
 def for_search(space: SearchSpace, raw: dict, max_epochs: int) -> dict:
@@ -29,7 +29,6 @@ def trial(config: dict, *, shared: list, space_raw: dict, base_raw: dict, base_d
           workers: int, cpus_per_worker: float, gpus_per_worker: float, storage_path: str) -> None:
     """The Tune function trainable: one distillation run, reporting and checkpointing every epoch."""
     import ray
-    import torch
     from ray import tune
 
     space = SearchSpace.model_validate(space_raw)
@@ -48,11 +47,11 @@ def trial(config: dict, *, shared: list, space_raw: dict, base_raw: dict, base_d
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            start = torch.load(Path(d) / STATE_FILE, weights_only=True)
+            start = load_state(d)
 
     def report(metrics: dict, state_fn) -> None:
         with tempfile.TemporaryDirectory() as d:
-            torch.save(state_fn(), Path(d) / STATE_FILE)
+            save_state(d, state_fn())
             tune.report({**metrics, "max_epochs": max_epochs, "resumed_from": start["epoch"] if start else 0,
                          "node_id": ray.get_runtime_context().get_node_id()},
                         checkpoint=tune.Checkpoint.from_directory(d))

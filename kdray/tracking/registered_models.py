@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from kdray.core.checkpoint import STATE_FILE, load_state, student_weights
 from kdray.core.compress import quantize_int8
 from kdray.core.methods import build_terms
 from kdray.core.train import term_names
@@ -57,20 +58,12 @@ class FinishedTrial:
     checkpoint: Callable[[], ContextManager[Path]]
 
 
-def student_state(state: dict) -> dict[str, torch.Tensor]:
-    """The student's weights from a trial checkpoint's state (``distiller`` keys under ``student.``)."""
-    dist = state.get("distiller", {})
-    return {k[len("student."):]: v for k, v in dist.items() if k.startswith("student.")}
-
-
 def student_from_checkpoint(ckpt_dir: str | Path, cfg: Any, num_classes: int) -> nn.Module:
     """The trained student of a trial, in eval mode, from its checkpoint folder and its config."""
-    path = Path(ckpt_dir) / "state.pt"
-    if not path.is_file():
-        raise KdrayError(f"checkpoint {ckpt_dir} has no state.pt")
-    weights = student_state(torch.load(path, map_location="cpu", weights_only=True))
+    weights = student_weights(load_state(ckpt_dir))
     if not weights:
-        raise KdrayError(f"checkpoint {path} holds no student weights (no 'distiller' keys under 'student.')")
+        raise KdrayError(f"checkpoint {Path(ckpt_dir) / STATE_FILE} holds no student weights "
+                         "(no 'distiller' keys under 'student.')")
     model = build_model(cfg.student, num_classes)
     model.load_state_dict(weights)
     return model.eval()

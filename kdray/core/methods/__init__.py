@@ -25,8 +25,8 @@ is read. Families: :mod:`.response`, :mod:`.feature`, :mod:`.relation`, :mod:`.s
 from kdray.core.methods.base import (LOGITS, METHODS, PROBES, STUDENT_LAYERS, TEACHER_LAYERS, TEACHER_LOGITS, Method,
                                      MethodRegistry, Signals, build_terms, describe_methods, kd_loss, kl_rows,
                                      labelled_ce)
-from kdray.core.methods.feature import (AB, AT, FSP, FeatureL2, FitNet, ab_loss, at_loss, feature_l2_loss,
-                                        fitnet_loss, fsp_loss)
+from kdray.core.methods.feature import (AB, AT, FSP, FeatureL2, FitNet, ab_loss, at_loss, feature_l2_loss, fitnet_loss,
+                                        fsp_loss)
 from kdray.core.methods.pairs import PairMethod
 from kdray.core.methods.relation import PKT, RKD, SP, RelationalMethod, angles, pkt_loss, rkd_loss, sp_loss
 from kdray.core.methods.response import DKD, KD, ProbeKD, dkd_loss

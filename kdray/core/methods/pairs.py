@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdray.config import TermConfig
-from kdray.core.methods.base import (STUDENT_LAYERS, TEACHER_LAYERS, Method, Signals, feature, fmt_shape,
-                                     shape_of)
+from kdray.core.methods.base import STUDENT_LAYERS, TEACHER_LAYERS, Method, Signals, feature, fmt_shape, shape_of
 from kdray.errors import ConfigError
 
 _RANK_TEXT = {2: "(B, D)", 3: "(B, C, L)", 4: "(B, C, H, W)"}

@@ -9,8 +9,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdray.config import Strict
-from kdray.core.methods.base import (METHODS, PROBES, TEACHER_LOGITS, Method, Signals, feature, kd_loss, kl_rows,
-                                     need)
+from kdray.core.methods.base import METHODS, PROBES, TEACHER_LOGITS, Method, Signals, feature, kd_loss, kl_rows, need
 
 
 @METHODS.register("kd")

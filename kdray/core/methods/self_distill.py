@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kdray.core.methods.base import (LOGITS, METHODS, STUDENT_LAYERS, Method, Signals, feature, kd_loss,
-                                     labelled_ce, shape_of)
+from kdray.core.methods.base import (LOGITS, METHODS, STUDENT_LAYERS, Method, Signals, feature, kd_loss, labelled_ce,
+                                     shape_of)
 
 
 def self_aux_loss(head_logits: list[Tensor], final_logits: Tensor, labels: Tensor | None, temperature: float

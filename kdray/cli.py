@@ -289,7 +289,7 @@ def add_tracking_uri(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from kdray.tracking.registered_models import promote
+    from kdray.tracking.registry_commands import promote
 
     mv, before = promote(args.name, args.alias, version=args.version, from_alias=args.from_alias,
                          tracking_uri=args.tracking_uri, force=args.force)
@@ -310,7 +310,7 @@ def add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from kdray.tracking.registered_models import list_models
+    from kdray.tracking.registry_commands import list_models
 
     df = list_models(args.name, tracking_uri=args.tracking_uri)
     if df.empty:

@@ -150,45 +150,48 @@ def methods_text(format: str) -> str:
 
 @command
 def add_cache(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cache", help="the teacher-output cache: build ahead of a search, list, remove")
-    csub = p.add_subparsers(dest="cache_cmd", required=True)
-    b = csub.add_parser("build", help="fill the cache for a search space (or an experiment config)")
-    b.add_argument("path", help="search space or experiment config (YAML)")
-    ls = csub.add_parser("ls", help="list entries: key, teacher, data, size, layers, probes")
-    add_format(ls)
-    rm = csub.add_parser("rm", help="remove entries")
-    rm.add_argument("keys", nargs="*", help="entry keys (see kdray cache ls)")
-    rm.add_argument("--all", action="store_true", help="remove every entry")
-    for q in (b, ls, rm):
+    cmds = add_group(sub, "cache", "the teacher-output cache: build ahead of a search, list, remove", {
+        "build": ("fill the cache for a search space (or an experiment config)", cmd_cache_build),
+        "ls": ("list entries: key, teacher, data, size, layers, probes", cmd_cache_ls),
+        "rm": ("remove entries", cmd_cache_rm)})
+    cmds["build"].add_argument("path", help="search space or experiment config (YAML)")
+    add_format(cmds["ls"])
+    cmds["rm"].add_argument("keys", nargs="*", help="entry keys (see kdray cache ls)")
+    cmds["rm"].add_argument("--all", action="store_true", help="remove every entry")
+    for q in cmds.values():
         q.add_argument("--cache-dir", help="cache folder (default: $KDRAY_CACHE_DIR, else the user cache folder)")
-    p.set_defaults(func=cmd_cache)
 
 
-def cmd_cache(args: argparse.Namespace) -> int:
+def cmd_cache_build(args: argparse.Namespace) -> int:
+    from kdray.experiment.run import prepare
+    from kdray.search.driver import search_cache
+
+    cfgs = configs_of(args.path, args.cache_dir)
+    entry = search_cache(cfgs, prepare(cfgs[0]))  # one config, or every config a space's trials can draw
+    if entry is None:
+        print("nothing to cache (no teacher, augmented inputs, the cache turned off, or over its budget)")
+        return 0
+    m = entry.manifest
+    print(f"{'hit' if entry.hit else 'built'} {entry.key}: {m['examples']} examples, {m['bytes'] / 1e6:.2f} MB "
+          f"({m['bytes_per_example']:.0f} bytes/example) in {entry.path}")
+    for r in m.get("probes", []):
+        print(f"  probe {r['layer']} ({r['pooling']}): val acc {r['val_acc']:.4f}")
+    return 0
+
+
+def cmd_cache_ls(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from kdray.core import cache
 
-    if args.cache_cmd == "build":
-        from kdray.experiment.run import prepare
-        from kdray.search.driver import search_cache
+    rows = cache.list_entries(args.cache_dir)
+    print(render(pd.DataFrame(rows), args.format, hide=("path",)) if rows else "the teacher cache is empty")
+    return 0
 
-        cfgs = configs_of(args.path, args.cache_dir)
-        prep = prepare(cfgs[0])
-        entry = search_cache(cfgs, prep)  # one config, or every config a space's trials can draw
-        if entry is None:
-            print("nothing to cache (no teacher, augmented inputs, the cache turned off, or over its budget)")
-            return 0
-        m = entry.manifest
-        print(f"{'hit' if entry.hit else 'built'} {entry.key}: {m['examples']} examples, {m['bytes'] / 1e6:.2f} MB "
-              f"({m['bytes_per_example']:.0f} bytes/example) in {entry.path}")
-        for r in m.get("probes", []):
-            print(f"  probe {r['layer']} ({r['pooling']}): val acc {r['val_acc']:.4f}")
-        return 0
-    if args.cache_cmd == "ls":
-        rows = cache.list_entries(args.cache_dir)
-        print(render(pd.DataFrame(rows), args.format, hide=("path",)) if rows else "the teacher cache is empty")
-        return 0
+
+def cmd_cache_rm(args: argparse.Namespace) -> int:
+    from kdray.core import cache
+
     names = cache.entry_names(args.cache_dir)  # unreadable entries too: rm is how they go
     keys = names if args.all else args.keys
     if not keys:
@@ -264,8 +267,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     from kdray.search.results import status_counts, top_table
 
     if args.register_top < 0:
-        from kdray.errors import ConfigError
-
         raise ConfigError("--register-top", args.register_top, "0 (register nothing) or more")
     opts = SearchOptions(address=args.address, storage_path=args.storage_path, resume=args.resume,
                          overwrite=args.overwrite,
@@ -311,6 +312,23 @@ def add_promote(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_promote)
 
 
+def add_group(sub: argparse._SubParsersAction, name: str, help: str,
+              commands: dict[str, tuple[str, Callable[[argparse.Namespace], int]]]) -> dict[str, argparse.ArgumentParser]:
+    """A command made of sub-commands (``kdray cache ls``, ``kdray models list``): the parser of each entry of
+    ``commands`` (name: (help, the function it runs)), for the caller to add its arguments."""
+    group = sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_cmd", required=True)
+    parsers = {}
+    for cmd, (text, func) in commands.items():
+        parsers[cmd] = group.add_parser(cmd, help=text)
+        parsers[cmd].set_defaults(func=func)
+    return parsers
+
+
+def add_search_folder(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", help="search name (under --storage-path) or its folder")
+    p.add_argument("--storage-path")
+
+
 def add_format(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
@@ -325,7 +343,7 @@ def add_tracking_uri(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from kdray.tracking.registered_models import promote
+    from kdray.tracking.registry_commands import promote
 
     mv, before = promote(args.name, args.alias, version=args.version, from_alias=args.from_alias,
                          tracking_uri=args.tracking_uri, force=args.force)
@@ -336,17 +354,15 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 @command
 def add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="registered students in the MLflow model registry")
-    msub = p.add_subparsers(dest="models_cmd", required=True)
-    ls = msub.add_parser("list", help="versions, aliases, key metrics and creation time")
-    ls.add_argument("name", nargs="?", help="registered model name (default: every registered model)")
-    add_format(ls)
-    add_tracking_uri(ls)
-    ls.set_defaults(func=cmd_models_list)
+    cmds = add_group(sub, "models", "registered students in the MLflow model registry", {
+        "list": ("versions, aliases, key metrics and creation time", cmd_models_list)})
+    cmds["list"].add_argument("name", nargs="?", help="registered model name (default: every registered model)")
+    add_format(cmds["list"])
+    add_tracking_uri(cmds["list"])
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from kdray.tracking.registered_models import list_models
+    from kdray.tracking.registry_commands import list_models
 
     df = list_models(args.name, tracking_uri=args.tracking_uri)
     if df.empty:
@@ -359,8 +375,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 @command
 def add_results(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("results", help="print the trials table of a search")
-    p.add_argument("experiment", help="search name (under --storage-path) or its folder")
-    p.add_argument("--storage-path")
+    add_search_folder(p)
     p.add_argument("--sort", help="column to sort by (default: the search metric)")
     p.add_argument("--ascending", action="store_true")
     p.add_argument("--top", type=int, default=20)
@@ -369,7 +384,6 @@ def add_results(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from kdray.errors import ConfigError
     from kdray.search.results import read_results
 
     df = read_results(args.experiment, args.storage_path)
@@ -384,8 +398,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 @command
 def add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write a self-contained HTML report of a search (tables and plots)")
-    p.add_argument("experiment", help="search name (under --storage-path) or its folder")
-    p.add_argument("--storage-path")
+    add_search_folder(p)
     p.add_argument("--output", "-o", help="HTML file (default: <experiment folder>/report.html)")
     p.add_argument("--metric", default="val_acc")
     p.add_argument("--mode", choices=["max", "min"], default="max")

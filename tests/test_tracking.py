@@ -228,12 +228,14 @@ def test_promote_moves_aliases_and_names_what_is_missing(tracked, capsys):
 def test_a_failed_registration_leaves_no_model_version(tracked):
     from ray.tune import ExperimentAnalysis, ResultGrid
 
+    from kdray.search.driver import finished_trials
     from kdray.tracking.registered_models import register_trials
 
     c = tracked.client
     space, base_raw, base_dir = load_space(tracked.space)
     tracker = SearchTracker.attach(tracked.uri, "tiny-tracked", space, base_raw, base_dir, tracked.out.mlflow_run_id, 10)
-    grid = ResultGrid(ExperimentAnalysis(tracked.out.experiment_path, default_metric="val_acc", default_mode="max"))
+    grid = finished_trials(ResultGrid(ExperimentAnalysis(tracked.out.experiment_path, default_metric="val_acc",
+                                                         default_mode="max")))
     exp_id = c.get_experiment_by_name("tiny-tracked").experiment_id
     models_before = len(c.search_logged_models([exp_id]))
     tags_before = {r.info.run_id: r.data.tags.get("kdray.registered_model") for r in all_runs(c, "tiny-tracked")}

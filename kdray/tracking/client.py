@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from kdray import paths
-from kdray.errors import ConfigError
+from kdray.errors import ConfigError, first_line
 from kdray.redact import credentials_to_env, mask
 
 log = logging.getLogger("kdray")
@@ -38,6 +38,9 @@ ROLE_TAG = "kdray.role"
 
 
 SEARCH_PATH_TAG = "kdray.search_path"
+
+
+CHALLENGER = "challenger"  # the alias a search gives its best registered student
 
 
 RUN_STATUS = {"finished": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
@@ -82,10 +85,10 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _first_line(e: BaseException, n: int = 300) -> str:
-    """The first line of an error's message, credentials masked."""
-    text = mask(str(e).strip())
-    return (text.splitlines()[0] if text else type(e).__name__)[:n]
+def error_line(e: BaseException, n: int = 300) -> str:
+    """:func:`kdray.errors.first_line` of an error with its credentials masked (masked before it is cut to ``n``
+    characters, so that no half of a credential survives the cut)."""
+    return mask(first_line(e, 1 << 20))[:n]
 
 
 def connect(uri: Optional[str] = None, timeout_s: float = 5.0):
@@ -104,7 +107,7 @@ def connect(uri: Optional[str] = None, timeout_s: float = 5.0):
             field = source if source.startswith(("--", "MLFLOW")) else "tracking URI"
             raise ConfigError(field, mask(uri), f"a reachable MLflow tracking URI (http://host:port of a running "
                                           f"`mlflow server`, sqlite:///path/mlflow.db ...); it failed with: "
-                                          f"{_first_line(e)}") from None
+                                          f"{error_line(e)}") from None
     return client
 
 
@@ -167,6 +170,16 @@ def _metrics(values: dict[str, Any], step: int, skip: Iterable[str] = ()) -> lis
 def _chunks(xs: list, n: int) -> Iterator[list]:
     for i in range(0, len(xs), n):
         yield xs[i:i + n]
+
+
+def not_found(e: BaseException) -> bool:
+    """Whether an MLflow error says that what was asked for does not exist."""
+    return getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
+def quote(s: str) -> str:
+    """``s`` as a quoted string value inside an MLflow search filter (``tags.x = '<s>'``)."""
+    return str(s).replace("\\", "\\\\").replace("'", "\\'")
 
 
 def git_commit(start: Path) -> Optional[str]:
@@ -274,7 +287,7 @@ class PausedWrites:
         self.skipped(what, item)
         if what not in self._warned:
             self._warned.add(what)
-            log.warning("MLflow logging failed in %s (%s): %s", what, self.goes_on, _first_line(e))
+            log.warning("MLflow logging failed in %s (%s): %s", what, self.goes_on, error_line(e))
 
     def summary(self) -> Optional[str]:
         """What was not logged, by kind and item; None when everything was."""

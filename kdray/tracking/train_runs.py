@@ -7,10 +7,10 @@ as artifacts (``student/``) and ends FINISHED, or FAILED (an error) / KILLED (Ct
 error as tag ``kdray.error``. The born-again parent also gets ``generation_test_acc`` (step = generation)
 and a plot of test accuracy by generation. Runs are written with :class:`mlflow.MlflowClient` and explicit
 run ids only; the URI and the experiment (not deleted) are checked before any training
-(:func:`kdray.tracking.search_runs.connect`, :func:`kdray.tracking.search_runs.active_experiment`).
+(:func:`kdray.tracking.client.connect`, :func:`kdray.tracking.client.active_experiment`).
 
 A tracking server lost during training never stops it: every write goes through the bounded pause a search
-has (:class:`kdray.tracking.search_runs.PausedWrites`), and :meth:`TrainTracker.report` says at the end what was not logged.
+has (:class:`kdray.tracking.client.PausedWrites`), and :meth:`TrainTracker.report` says at the end what was not logged.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from kdray.config import ExperimentConfig
 from kdray.experiment.run import RunSummary, born_again, run
 from kdray.redact import mask
 from kdray.report.plots import generations_plot
-from kdray.tracking.client import (ERROR_TAG, PARENT_TAG, ROLE_TAG, STATUS_TAG, PausedWrites, _chunks, _first_line,
+from kdray.tracking.client import (ERROR_TAG, PARENT_TAG, ROLE_TAG, STATUS_TAG, PausedWrites, _chunks, error_line,
                                    _metrics, _params, active_experiment, connect, flatten, git_commit,
                                    resolve_tracking_uri)
 
@@ -69,7 +69,7 @@ class TrainTracker:
             yield run_id
         except BaseException as e:  # the run ends FAILED or KILLED, with the error; the error goes on
             status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
-            self._end(run_id, name, status, f"{type(e).__name__}: {_first_line(e, 5000)}")
+            self._end(run_id, name, status, f"{type(e).__name__}: {error_line(e, 5000)}")
             raise
         self._end(run_id, name, "FINISHED")
 

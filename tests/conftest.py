@@ -104,3 +104,28 @@ def mlflow_server(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         log.close()
+
+
+class _CurrentStderr:
+    """A stream that writes to whatever ``sys.stderr`` is when it writes (what Ray's handler means to do)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@pytest.fixture(autouse=True)
+def ray_console_log_follows_this_tests_stderr():
+    """Ray's console log handler keeps the ``sys.stderr`` it first saw; under pytest that is an earlier test's
+    capture, closed by now, so a later ``ray.init`` in-process would print a logging traceback. Give Ray's stream
+    handlers a stream that follows the current ``sys.stderr``."""
+    import logging
+
+    if "ray" in sys.modules:
+        for handler in logging.getLogger("ray").handlers:
+            if type(handler).__module__.startswith("ray.") and isinstance(handler, logging.StreamHandler) \
+                    and not isinstance(handler.stream, _CurrentStderr):
+                handler.stream = _CurrentStderr()
+    yield

@@ -1,14 +1,16 @@
-"""The ``kdray`` command line: ``train``, ``layers`` (and the search commands added by later modules).
+"""The ``kdray`` command line (the app layer): ``train``, ``layers``, ``methods``, ``cache``, ``search``,
+``results``, ``report``, ``models``, ``promote``.
 
 Every command validates its input before any work starts; a :class:`~kdray.errors.KdrayError` becomes
-one line on stderr and its exit code (2 for bad input).
+one line on stderr and its exit code (2 for bad input). Each command imports what it uses inside its
+function, on purpose: start-up time, and ``kdray models list`` / ``promote`` / ``results`` / ``train --track``
+never load Ray or Optuna (tests/test_architecture.py checks it).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Callable
 from kdray import __version__
 from kdray.errors import ConfigError, KdrayError
 from kdray.paths import check_cache_dir, check_free_output_dir, check_writable_dir
+from kdray.report.tables import methods_text, render
 
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
 
@@ -125,29 +128,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-METHOD_COLUMNS = ["method", "kind", "reads", "layers", "reference weight", "T", "paper", "notes"]
-
-
-def methods_text(format: str) -> str:
-    """The registered methods as a terminal table, a Markdown table (the README's) or JSON, from the classes'
-    metadata (:func:`kdray.core.methods.describe_methods`)."""
-    from kdray.core.methods import describe_methods
-
-    rows = describe_methods()
-    if format == "json":
-        return json.dumps(rows, indent=2, ensure_ascii=False)
-    md = format == "markdown"
-    cells = [[f"`{r['method']}`" if md else r["method"], r["kind"], r["reads"], r["layers"], f"{r['weight']:g}",
-              "yes" if r["temperature"] else "—",
-              f"[{r['paper']}]({r['url']})" if md and r["url"] else r["paper"], r["notes"]] for r in rows]
-    if md:
-        lines = [METHOD_COLUMNS, ["---"] * len(METHOD_COLUMNS), *cells]
-        return "\n".join("| " + " | ".join(c) + " |" for c in lines)
-    from kdray.report.tables import table
-
-    return table([c[:-1] for c in cells], METHOD_COLUMNS[:-1])  # the notes are the markdown's and the JSON's
-
-
 @command
 def add_cache(sub: argparse._SubParsersAction) -> None:
     cmds = add_group(sub, "cache", "the teacher-output cache: build ahead of a search, list, remove", {
@@ -164,9 +144,10 @@ def add_cache(sub: argparse._SubParsersAction) -> None:
 
 def cmd_cache_build(args: argparse.Namespace) -> int:
     from kdray.experiment.run import prepare
+    from kdray.experiment.space import configs_of_file
     from kdray.search.driver import search_cache
 
-    cfgs = configs_of(args.path, args.cache_dir)
+    cfgs = configs_of_file(args.path, args.cache_dir)
     entry = search_cache(cfgs, prepare(cfgs[0]))  # one config, or every config a space's trials can draw
     if entry is None:
         print("nothing to cache (no teacher, augmented inputs, the cache turned off, or over its budget)")
@@ -202,22 +183,6 @@ def cmd_cache_rm(args: argparse.Namespace) -> int:
     for k in cache.remove_entries(keys, args.cache_dir):
         print(f"removed {k}")
     return 0
-
-
-def configs_of(path: str, cache_dir: str | None) -> list:
-    """The experiment config at ``path``, or for a search space every config its trials can draw."""
-    from kdray.config import read_yaml
-    from kdray.experiment.configs import load_config
-    from kdray.experiment.space import check_space, choice_combinations, load_space
-
-    if cache_dir:
-        os.environ["KDRAY_CACHE_DIR"] = cache_dir
-    raw = read_yaml(path)
-    if isinstance(raw, dict) and "base" in raw:
-        space, base_raw, base_dir = load_space(path)
-        return (check_space(space, base_raw, base_dir, trial_gpus=space.search.gpus_per_worker)
-                + choice_combinations(space, base_raw, base_dir))
-    return [load_config(path)]
 
 
 @command
@@ -420,18 +385,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = write_report(df, folder.name, out, args.metric, args.mode)
     print(f"wrote {out}")
     return 0
-
-
-def render(df, format: str, hide: tuple[str, ...] = ()) -> str:
-    """A DataFrame as a terminal table, CSV or JSON records."""
-    from kdray.report.tables import fmt, table
-
-    if format == "csv":
-        return df.to_csv(index=False).rstrip("\n")
-    if format == "json":
-        return df.to_json(orient="records")
-    cols = [c for c in df.columns if c not in hide]
-    return table([[fmt(v) for v in r] for r in df[cols].itertuples(index=False)], cols)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -648,7 +648,7 @@ def test_readme_methods_table_is_kdray_methods_markdown():
 def test_kdray_methods_json_and_table():
     import json
 
-    from kdray.cli import methods_text
+    from kdray.report.tables import methods_text
 
     rows = {r["method"]: r for r in json.loads(methods_text("json"))}
     assert rows["kd"]["kind"] == "response" and rows["kd"]["temperature"] and rows["kd"]["weight"] == 0.9

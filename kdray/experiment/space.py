@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
@@ -26,7 +27,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from kdray.config import ExperimentConfig, Strict, check_run_name, config_error_from, read_yaml, set_dotted
 from kdray.core.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
 from kdray.errors import ConfigError
-from kdray.experiment.configs import parse_config
+from kdray.experiment.configs import load_config, parse_config
 from kdray.experiment.preflight import check_data, check_devices, check_models
 from kdray.experiment.teachers import ensemble_architecture, load_model
 
@@ -411,3 +412,15 @@ def _describe(cfg: ExperimentConfig) -> str:
 def _scalar(v: Any) -> Any:
     v = _decode(v)
     return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+
+def configs_of_file(path: str, cache_dir: str | None = None) -> list:
+    """The experiment config at ``path``, or for a search space every config its trials can draw."""
+    if cache_dir:
+        os.environ["KDRAY_CACHE_DIR"] = cache_dir
+    raw = read_yaml(path)
+    if isinstance(raw, dict) and "base" in raw:
+        space, base_raw, base_dir = load_space(path)
+        return (check_space(space, base_raw, base_dir, trial_gpus=space.search.gpus_per_worker)
+                + choice_combinations(space, base_raw, base_dir))
+    return [load_config(path)]

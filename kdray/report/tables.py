@@ -1,7 +1,10 @@
 """Plain-text tables for the terminal: run summaries and layer listings."""
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable
+
+from kdray.core.methods import describe_methods
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:
@@ -47,3 +50,32 @@ def layers_table(infos: Iterable[Any], probe_acc: dict[str, float] | None = None
         rows = [r + [fmt(probe_acc[r[1]]) if r[0] == "teacher" and r[1] in probe_acc else "-"] for r in rows]
         head.append("probe val acc")
     return table(rows, head)
+
+
+METHOD_COLUMNS = ["method", "kind", "reads", "layers", "reference weight", "T", "paper", "notes"]
+
+
+def methods_text(format: str) -> str:
+    """The registered methods as a terminal table, a Markdown table (the README's) or JSON, from the classes'
+    metadata (:func:`kdray.core.methods.describe_methods`)."""
+    rows = describe_methods()
+    if format == "json":
+        return json.dumps(rows, indent=2, ensure_ascii=False)
+    md = format == "markdown"
+    cells = [[f"`{r['method']}`" if md else r["method"], r["kind"], r["reads"], r["layers"], f"{r['weight']:g}",
+              "yes" if r["temperature"] else "—",
+              f"[{r['paper']}]({r['url']})" if md and r["url"] else r["paper"], r["notes"]] for r in rows]
+    if md:
+        lines = [METHOD_COLUMNS, ["---"] * len(METHOD_COLUMNS), *cells]
+        return "\n".join("| " + " | ".join(c) + " |" for c in lines)
+    return table([c[:-1] for c in cells], METHOD_COLUMNS[:-1])  # the notes are the markdown's and the JSON's
+
+
+def render(df, format: str, hide: tuple[str, ...] = ()) -> str:
+    """A DataFrame as a terminal table, CSV or JSON records."""
+    if format == "csv":
+        return df.to_csv(index=False).rstrip("\n")
+    if format == "json":
+        return df.to_json(orient="records")
+    cols = [c for c in df.columns if c not in hide]
+    return table([[fmt(v) for v in r] for r in df[cols].itertuples(index=False)], cols)

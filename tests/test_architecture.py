@@ -62,3 +62,20 @@ def test_no_test_module_imports_another():
                 assert not node.module.split(".")[-1].startswith("test_"), (path.name, node.module)
             if isinstance(node, ast.Import):
                 assert not any(a.name.split(".")[-1].startswith("test_") for a in node.names), path.name
+
+
+def test_functions_and_modules_are_short():
+    """No function over 60 lines and no module over 450 lines in kdray/ (issue 14): a newcomer reads each piece
+    in one screen or two."""
+    root = TESTS.parent / "kdray"
+    long_modules, long_functions = [], []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > 450:
+            long_modules.append(f"{path.relative_to(root)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 60:
+                    long_functions.append(f"{path.relative_to(root)}:{node.lineno} {node.name}: {n} lines")
+    assert not long_modules and not long_functions, long_modules + long_functions

@@ -13,7 +13,7 @@ import torch
 from helpers.dist_method import DIST, dist_loss
 from helpers.searches import write_space
 from kdray.core.methods import METHODS, Signals, kd_loss
-from kdray.experiment import run as run_module
+from kdray.experiment import teacher_signal
 from kdray.experiment.configs import parse_config
 from kdray.experiment.run import run
 from kdray.search.driver import SearchOptions, run_search
@@ -49,7 +49,7 @@ def test_dist_trains_a_student_from_the_teacher_cache(tiny_raw, tmp_path, monkey
     def no_teacher_pass(*a, **k):
         raise AssertionError("the run computed the teacher's outputs instead of reading the teacher cache")
 
-    monkeypatch.setattr(run_module, "teacher_pass", no_teacher_pass)
+    monkeypatch.setattr(teacher_signal, "teacher_pass", no_teacher_pass)
     tiny_raw["train"]["epochs"] = 3
     tiny_raw["distill"]["terms"] = [{"method": "dist", "temperature": 4.0, "options": {"beta": 1.0, "gamma": 1.0}}]
     tiny_raw["cache_dir"] = str(tmp_path / "cache")

@@ -82,7 +82,7 @@ def test_probe_fits_separable_data_and_l2_shrinks_weights():
 
 
 def test_hooks_capture_a_module_input_on_the_mnist1d_cnn():
-    from kdray.models import mnist1d_cnn
+    from kdray.models.mnist1d import mnist1d_cnn
 
     m = mnist1d_cnn(10, channels=8).eval()
     x = torch.randn(3, 40)
@@ -96,7 +96,7 @@ def test_hooks_capture_a_module_input_on_the_mnist1d_cnn():
 
 @pytest.mark.parametrize("layer", ["relu2:inputs", "nope:input", ":input"])
 def test_check_paths_refuses_a_bad_suffix_or_path(layer):
-    from kdray.models import mnist1d_cnn
+    from kdray.models.mnist1d import mnist1d_cnn
 
     with pytest.raises(ConfigError) as e:
         check_paths(mnist1d_cnn(10, channels=8), [layer], "teacher_layers")

@@ -146,7 +146,7 @@ def plan_search(space_path: str, opts: SearchOptions) -> SearchPlan:
     check_cache_dir(corners[0].cache_dir)
     tracker = None
     if opts.tracking:  # the tracking URI must answer before any trial (or teacher training) starts
-        from kdray.tracking.search_runs import search_tracker
+        from kdray.tracking.search_runs import search_tracker  # lazy: MLflow loads only when tracking is on
 
         tracker = search_tracker(opts.tracking_uri, opts.experiment or space.name, space, base_raw, base_dir)
     return SearchPlan(space_path, space, base_raw, base_dir, s, storage, exp_path, replace_earlier, corners,
@@ -180,7 +180,7 @@ def prepare_shared(plan: SearchPlan) -> Any:
 
 def start_tracking(plan: SearchPlan, opts: SearchOptions, prep: Any) -> Any:
     """Open (or, on --resume, reopen) the search's MLflow parent run; the Tune callback of its trials."""
-    from kdray.tracking.tune_callback import MlflowSearchCallback
+    from kdray.tracking.tune_callback import MlflowSearchCallback  # lazy: MLflow only when tracking
 
     plan.tracker.start(plan.exp_path, resume=opts.resume, settings=plan.settings.model_dump(mode="json"),
                        space_path=plan.space_path, ray_address=opts.address, teacher_info=prep.teacher_info,
@@ -208,7 +208,7 @@ def finish_tracking(plan: SearchPlan, opts: SearchOptions, grid: Any, table: pd.
                     baseline: Optional[dict], out: str) -> tuple[pd.DataFrame, list]:
     """The end of the search in MLflow: summary, registered students, runs closed. A tracking server that went
     away is reported, not raised: the trials are safe on disk. (table with model versions, registered)."""
-    from kdray.tracking.client import _env
+    from kdray.tracking.client import _env  # lazy: MLflow only when tracking
 
     tracker, registered = plan.tracker, []
     example = prep.bundle.x_test[:2].numpy()  # batch > 1: the exported model keeps a dynamic batch

@@ -35,7 +35,7 @@ def trial(config: dict, *, shared: list, space_raw: dict, base_raw: dict, base_d
     raw = for_search(space, trial_raw(space, base_raw, config), max_epochs)
     prep_ref = shared[0]
     if workers > 1:
-        from kdray.search.distributed import run_torchtrainer_trial
+        from kdray.search.distributed import run_torchtrainer_trial  # lazy: Ray Train only for DDP trials
 
         run_torchtrainer_trial(raw, prep_ref, num_workers=workers, cpus_per_worker=cpus_per_worker,
                                gpus_per_worker=gpus_per_worker, name=f"train-{tune.get_context().get_trial_id()}",
@@ -83,7 +83,7 @@ def trial_checkpoint(result: Any) -> Iterator[Path]:
 
 def finished_trials(grid: Any) -> dict:
     """Tune's results as the plain records MLflow registration reads (it knows nothing of Tune)."""
-    from kdray.tracking.registered_models import FinishedTrial
+    from kdray.tracking.registered_models import FinishedTrial  # lazy: trial workers never load MLflow
 
     return {str((r.metrics or {}).get("trial_id") or Path(r.path).name):
             FinishedTrial(dict(r.config or {}), dict(r.metrics or {}), functools.partial(trial_checkpoint, r))

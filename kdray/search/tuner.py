@@ -35,7 +35,7 @@ def make_trainable(space: SearchSpace, s: SearchSettings, *, prep_ref: Any, base
     if s.workers_per_trial == 1:
         resources: Any = {"cpu": s.cpus_per_worker, "gpu": s.gpus_per_worker}
     else:
-        from kdray.search.distributed import tune_resources_for
+        from kdray.search.distributed import tune_resources_for  # lazy: Ray Train only for DDP trials
 
         resources = tune_resources_for(s.workers_per_trial, s.cpus_per_worker, s.gpus_per_worker)
     return tune.with_resources(trainable, resources)

@@ -136,7 +136,7 @@ def term_for(method: str, student: str, probe: Optional[dict]) -> Optional[dict]
 def choose_probe(prep) -> dict:
     """Fit a probe on every (teacher layer, pooling) on the labelled examples; best by validation accuracy."""
     from kdray.core.signals import fit_probes, teacher_pass
-    from kdray.experiment.teachers import ProbeSpec
+    from kdray.core.probes import ProbeSpec
 
     b = prep.bundle
     _, feats = teacher_pass(prep.teacher, b.x_train, PROBE_LAYERS, 1000)

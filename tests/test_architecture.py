@@ -79,3 +79,19 @@ def test_functions_and_modules_are_short():
                 if n > 60:
                     long_functions.append(f"{path.relative_to(root)}:{node.lineno} {node.name}: {n} lines")
     assert not long_modules and not long_functions, long_modules + long_functions
+
+
+def test_every_kdray_import_in_the_repository_resolves():
+    """Imports inside functions (benchmarks, lazy command imports) are only run on their paths: check them all
+    statically, so a moved name cannot hide until someone runs that path."""
+    import importlib
+
+    missing = []
+    for path in [*(TESTS.parent / "kdray").rglob("*.py"), *(TESTS.parent / "benchmarks").rglob("*.py"),
+                 *TESTS.rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "kdray":
+                module = importlib.import_module(node.module)
+                missing += [f"{path.name}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name) and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    assert not missing, missing

@@ -85,6 +85,7 @@ def test_every_kdray_import_in_the_repository_resolves():
     """Imports inside functions (benchmarks, lazy command imports) are only run on their paths: check them all
     statically, so a moved name cannot hide until someone runs that path."""
     import importlib
+    import importlib.util
 
     missing = []
     for path in [*(TESTS.parent / "kdray").rglob("*.py"), *(TESTS.parent / "benchmarks").rglob("*.py"),

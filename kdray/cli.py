@@ -278,7 +278,8 @@ def add_promote(sub: argparse._SubParsersAction) -> None:
 
 
 def add_group(sub: argparse._SubParsersAction, name: str, help: str,
-              commands: dict[str, tuple[str, Callable[[argparse.Namespace], int]]]) -> dict[str, argparse.ArgumentParser]:
+              commands: dict[str, tuple[str, Callable[[argparse.Namespace], int]]]
+              ) -> dict[str, argparse.ArgumentParser]:
     """A command made of sub-commands (``kdray cache ls``, ``kdray models list``): the parser of each entry of
     ``commands`` (name: (help, the function it runs)), for the caller to add its arguments."""
     group = sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_cmd", required=True)

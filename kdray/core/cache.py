@@ -16,8 +16,8 @@ An entry whose content covers a request (same teacher, data and dtype; a superse
 probes) serves it, so ``kdray train`` reuses what a search built.
 
 Plain PyTorch, NumPy and pyarrow: nothing here knows about Ray or MLflow. A search puts the loaded
-arrays in the Ray object store once; NumPy arrays come back from it zero-copy. The files of an entry (Parquet, manifest checks, temporary folders)
-are :mod:`kdray.core.cache_store`.
+arrays in the Ray object store once; NumPy arrays come back from it zero-copy. The files of an entry (Parquet,
+manifest checks, temporary folders) are :mod:`kdray.core.cache_store`.
 """
 from __future__ import annotations
 
@@ -329,7 +329,8 @@ def _usable(path: Path, t_fp: str, d_fp: str, request: CacheRequest, key: str):
 
 
 def get_cache(teacher: nn.Module, bundle: DataBundle, request: CacheRequest, *, cache_root: Optional[str] = None,
-              info: Optional[dict] = None, batch_size: int = 1000, device: Optional[torch.device] = None) -> TeacherCache:
+              info: Optional[dict] = None, batch_size: int = 1000, device: Optional[torch.device] = None
+              ) -> TeacherCache:
     """The entry for (teacher, data, request): loaded when present and intact, else built (with a message)."""
     device = device or next(teacher.parameters()).device
     root = entries_root(cache_root)

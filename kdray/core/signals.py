@@ -86,7 +86,8 @@ class PrecomputedTeacher:
 
     def outputs(self, idx: torch.Tensor, x: torch.Tensor) -> TeacherOutputs:
         dev = x.device  # features may be stored in float16 (teacher cache): the losses get float32
-        return TeacherOutputs(self.logits[idx].to(dev), {k: v[idx].to(dev, torch.float32) for k, v in self.features.items()},
+        features = {k: v[idx].to(dev, torch.float32) for k, v in self.features.items()}
+        return TeacherOutputs(self.logits[idx].to(dev), features,
                               {k: v[idx].to(dev) for k, v in self.probe_logits.items()})
 
 

@@ -301,7 +301,8 @@ class Trainer:
                 raise DivergedError(epoch, k, v)
 
     def evaluate(self, epoch: int, t0: float) -> dict[str, float]:
-        """Validation accuracy, loss and agreement with the teacher; the epoch's time (since ``t0``, a ``time.perf_counter()``), throughput
+        """Validation accuracy, loss and agreement with the teacher; the epoch's time (since ``t0``, a
+        ``time.perf_counter()``), throughput
         and LR; on the last epoch the test metrics when the data has a test split."""
         data, device = self.data, self.device
         val_logits = predict(self.distiller.student, data.x_val.to(device), data.eval_batch_size)

@@ -39,7 +39,8 @@ class ProbeKD(Method):
     notes = "probe predictions as soft targets; options `pooling`, `l2`, `max_iter`"
 
     class Options(Strict):
-        pooling: Literal["mean", "max", "flatten", "first", "seq_mean"] = "mean"  # how the layer output becomes a vector
+        # how the layer output becomes a vector
+        pooling: Literal["mean", "max", "flatten", "first", "seq_mean"] = "mean"
         l2: float = Field(1e-3, gt=0)  # L2 penalty of the (multinomial logistic) probe
         max_iter: int = Field(100, ge=1)  # optimizer iterations when fitting the probe
 

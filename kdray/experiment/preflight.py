@@ -37,13 +37,13 @@ def check_device(name: str, field: str) -> None:
                                        "is False)")
 
 
-def check_bundle(b: DataBundle, field: str, needs_labels: bool) -> None:
-    """Training examples, labelled ones when the loss needs them, test examples and at least 2 classes."""
+def check_bundle(b: DataBundle, field: str) -> None:
+    """Training examples, labelled ones, test examples and at least 2 classes."""
     n = len(b.x_train) + len(b.x_val)
     if len(b.x_train) == 0:
         raise ConfigError(f"{field}.val_fraction", f"0 training examples of {n}",
                           "a split that leaves training examples: a lower val_fraction or more examples")
-    if needs_labels and b.n_labelled == 0:
+    if b.n_labelled == 0:
         raise ConfigError(f"{field}.label_fraction", f"0 labelled examples of {len(b.x_train)}",
                           "a label_fraction that leaves labelled training examples")
     if len(b.x_test) == 0:
@@ -144,10 +144,10 @@ def check_devices(cfg: ExperimentConfig, student: bool = True) -> None:
 def check_data(cfg: ExperimentConfig) -> DataBundle:
     """The experiment's data bundle, and every teacher recipe's, checked for examples, labels and classes."""
     b = make_bundle(cfg.data, cfg.cache_dir)
-    check_bundle(b, "data", needs_labels=True)
+    check_bundle(b, "data")
     for where, t in teacher_sections(cfg):
         if t.recipe is not None and t.recipe.data is not None:
-            check_bundle(make_bundle(t.recipe.data, cfg.cache_dir), f"{where}.recipe.data", needs_labels=True)
+            check_bundle(make_bundle(t.recipe.data, cfg.cache_dir), f"{where}.recipe.data")
     return b
 
 

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-from kdray import paths
 from kdray.errors import ConfigError, first_line
 from kdray.redact import credentials_to_env, mask
 
@@ -208,11 +207,6 @@ def git_commit(start: Path) -> Optional[str]:
     except OSError:
         return None
     return None
-
-
-# remote-or-local files: kdray.paths owns them (pyarrow file systems for URIs)
-_write_text = paths.write_text
-_read_text = paths.read_text
 
 
 def error_text(trial: Any) -> str:

@@ -15,11 +15,10 @@ from typing import Any, Optional
 
 import yaml
 
-from kdray import __version__
+from kdray import __version__, paths
 from kdray.redact import mask
 from kdray.tracking.client import (_KEY_OK, ERROR_TAG, PARENT_ID_FILE, ROLE_TAG, SEARCH_PATH_TAG, STATUS_TAG, _chunks,
-                                   _local_sqlite_dir, _params, _read_text, _write_text, active_experiment, flatten,
-                                   git_commit, quote)
+                                   _local_sqlite_dir, _params, active_experiment, flatten, git_commit, quote)
 
 log = logging.getLogger("kdray")
 
@@ -90,7 +89,7 @@ class ParentRun:
                             mask(s.uri))
             s.parent_run_id = self._create(exp_path, settings, space_path, ray_address)
             log.info("MLflow: parent run %s in experiment %r (%s)", s.parent_run_id, s.experiment, mask(s.uri))
-        _write_text(id_file, s.parent_run_id + "\n")
+        paths.write_text(id_file, s.parent_run_id + "\n")
         self._log_probes(probes)
         return s.parent_run_id, parent is not None
 
@@ -111,7 +110,7 @@ class ParentRun:
     def _find(self, id_file: str, exp_path: str) -> Optional[str]:
         """The parent run of an earlier search at ``exp_path``: by the id file, else by its path tag."""
         c, exp_id = self.store.client, self.store.experiment_id
-        text = _read_text(id_file)
+        text = paths.read_text(id_file)
         if text and text.strip():
             try:
                 run = c.get_run(text.strip())

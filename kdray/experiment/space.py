@@ -131,9 +131,14 @@ class SearchSpace(Strict):
 
     _name = field_validator("name")(classmethod(lambda cls, v: check_run_name(v)))
 
+    @property
+    def model_name(self) -> str:
+        """The MLflow registered model its students go to: ``registered_model``, else ``<name>-student``."""
+        return self.registered_model if self.registered_model is not None else f"{self.name}-student"
+
     @model_validator(mode="after")
     def _model_name(self) -> "SearchSpace":
-        name = self.registered_model if self.registered_model is not None else f"{self.name}-student"
+        name = self.model_name
         if not name.strip() or name.strip() in (".", "..") or any(c in name for c in "/:"):
             field = "registered_model" if self.registered_model is not None else "name"
             raise ConfigError(field, name, "an MLflow registered model name: not empty, without '/' or ':'")

@@ -216,7 +216,7 @@ def finish_tracking(plan: SearchPlan, opts: SearchOptions, grid: Any, table: pd.
         with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_TIMEOUT="30"):
             table, registered = tracker.finish(finished_trials(grid), table, register_top=opts.register_top,
                                                input_example=example, register_pareto=opts.register_pareto,
-                                               registered_model=plan.space.registered_model, baseline=baseline,
+                                               registered_model=plan.space.model_name, baseline=baseline,
                                                expected_trials=plan.settings.num_trials)
     except KdrayError:
         raise

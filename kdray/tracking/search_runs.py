@@ -126,7 +126,7 @@ class SearchTracker:
 
     # ---- the end of the search
 
-    def finish(self, trials: dict, table: pd.DataFrame, *, register_top: int, registered_model: Optional[str],
+    def finish(self, trials: dict, table: pd.DataFrame, *, register_top: int, registered_model: str,
                input_example: Any, baseline: Optional[dict] = None, expected_trials: int = 0,
                register_pareto: bool = False) -> tuple[pd.DataFrame, list[dict]]:
         """Register the top students (of a multi-objective search: the top of its Pareto front, or with

@@ -24,7 +24,7 @@ log = logging.getLogger("kdray")
 
 
 def finish_search(tracker: Any, trials: dict, table: pd.DataFrame, *, register_top: int,
-                  registered_model: Optional[str], input_example: Any, baseline: Optional[dict] = None,
+                  registered_model: str, input_example: Any, baseline: Optional[dict] = None,
                   expected_trials: int = 0, register_pareto: bool = False) -> tuple[pd.DataFrame, list[dict]]:
     """:meth:`kdray.tracking.search_runs.SearchTracker.finish`: register, log the summary, end the parent."""
     unfinished = max(len(tracker.trials.unfinished), expected_trials - len(table))
@@ -37,7 +37,7 @@ def finish_search(tracker: Any, trials: dict, table: pd.DataFrame, *, register_t
     if top > 0:
         try:
             registrations = register_trials(tracker, trials, candidates, top,
-                                            registered_model or f"{tracker.experiment}-student", input_example)
+                                            registered_model, input_example)
         except Exception as e:  # noqa: BLE001 - reported below, after the summary is logged
             error = e
     table = with_versions(table, registrations)

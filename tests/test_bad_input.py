@@ -398,6 +398,9 @@ def test_run_and_search_names_that_are_not_folder_names_are_refused(tmp_path, ca
 def test_an_invalid_registered_model_name_is_refused(tmp_path, cache_dir, capsys):
     argv = search(tmp_path, base_config(cache_dir), methods=KD, registered_model="team/students")
     refused(tmp_path, cache_dir, argv, ["registered_model", "'team/students'", "without '/' or ':'"], capsys)
+    # the default registered model follows --experiment: checked before any work too
+    argv = search(tmp_path, base_config(cache_dir), methods=KD) + ["--experiment", "team:a"]
+    refused(tmp_path, cache_dir, argv, ["--experiment", "'team:a-student'", "without '/' or ':'"], capsys)
 
 
 def test_unusable_folders_are_refused_before_any_work(tmp_path, cache_dir, capsys):

@@ -115,8 +115,6 @@ def test_a_password_appears_nowhere_and_the_runs_are_logged(work, mlflow_server,
             logged = experiment_runs(client, name)
             assert len(logged) == 3 and all(r.info.status == "FINISHED" for r in logged), name
             assert any("val_acc" in r.data.metrics for r in logged), name
-        # --experiment names the MLflow experiment; the students go to the space's model (<name>-student)
-        assert len(client.search_model_versions("name = 'secret-search-student'")) == 2
         (train_run,) = experiment_runs(client, "train")
         assert train_run.info.status == "FINISHED" and "test_acc" in train_run.data.metrics
         assert list((work / "res-a" / "secret-search").rglob("*.pkl")), "no pickled search state to check"

@@ -127,21 +127,25 @@ class SearchSpace(Strict):
     methods: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict)
     search: SearchSettings = Field(default_factory=SearchSettings)
-    registered_model: Optional[str] = None  # MLflow registered model name (default "<name>-student")
+    registered_model: Optional[str] = None  # MLflow registered model name (default "<experiment>-student")
 
     _name = field_validator("name")(classmethod(lambda cls, v: check_run_name(v)))
 
-    @property
-    def model_name(self) -> str:
-        """The MLflow registered model its students go to: ``registered_model``, else ``<name>-student``."""
-        return self.registered_model if self.registered_model is not None else f"{self.name}-student"
+    def model_name(self, experiment: Optional[str] = None) -> str:
+        """The MLflow registered model its students go to: ``registered_model``, else ``<experiment>-student``
+        (the MLflow experiment, by default the space's name). Refused (ConfigError) when MLflow would refuse it,
+        naming the field it comes from."""
+        if self.registered_model is not None:
+            name, field = self.registered_model, "registered_model"
+        else:
+            name, field = f"{experiment or self.name}-student", "--experiment" if experiment else "name"
+        if not name.strip() or name.strip() in (".", "..") or any(c in name for c in "/:"):
+            raise ConfigError(field, name, "an MLflow registered model name: not empty, without '/' or ':'")
+        return name
 
     @model_validator(mode="after")
     def _model_name(self) -> "SearchSpace":
-        name = self.model_name
-        if not name.strip() or name.strip() in (".", "..") or any(c in name for c in "/:"):
-            field = "registered_model" if self.registered_model is not None else "name"
-            raise ConfigError(field, name, "an MLflow registered model name: not empty, without '/' or ':'")
+        self.model_name()
         return self
 
     @property

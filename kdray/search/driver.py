@@ -144,6 +144,7 @@ def plan_search(space_path: str, opts: SearchOptions) -> SearchPlan:
     replace_earlier = check_experiment_folder(exp_path, opts)
     corners = check_space(space, base_raw, base_dir, trial_gpus=s.gpus_per_worker)
     check_cache_dir(corners[0].cache_dir)
+    space.model_name(opts.experiment)  # the registered model, checked before any work
     tracker = None
     if opts.tracking:  # the tracking URI must answer before any trial (or teacher training) starts
         from kdray.tracking.search_runs import search_tracker  # lazy: MLflow loads only when tracking is on
@@ -216,8 +217,8 @@ def finish_tracking(plan: SearchPlan, opts: SearchOptions, grid: Any, table: pd.
         with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_TIMEOUT="30"):
             table, registered = tracker.finish(finished_trials(grid), table, register_top=opts.register_top,
                                                input_example=example, register_pareto=opts.register_pareto,
-                                               registered_model=plan.space.model_name, baseline=baseline,
-                                               expected_trials=plan.settings.num_trials)
+                                               registered_model=plan.space.model_name(opts.experiment),
+                                               baseline=baseline, expected_trials=plan.settings.num_trials)
     except KdrayError:
         raise
     except Exception as e:  # noqa: BLE001 - the tracking server went away: the trials are safe on disk

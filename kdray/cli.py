@@ -95,8 +95,11 @@ def add_layers(sub: argparse._SubParsersAction) -> None:
     _common_config_args(p)
     p.add_argument("--which", choices=["teacher", "student", "both"], default="both")
     p.add_argument("--probes", nargs="?", const="mean", metavar="POOLING",
-                   help="also fit a Probe-KD probe on every teacher layer (pooling: mean, max, flatten, first, "
-                        "seq_mean; default mean) and show its validation accuracy (trains the teacher if needed)")
+                   help="also fit a Probe-KD probe on every teacher layer (a language model's decoder blocks; pooling: "
+                        "mean, max, flatten, first, seq_mean, last; default mean), show each one's validation accuracy "
+                        "beside the teacher's own, and plot them (trains the teacher if needed)")
+    p.add_argument("--plot", metavar="PNG", help="with --probes: where the plot goes (default "
+                                                 "<name>-probes-<pooling>.png here)")
     p.set_defaults(func=cmd_layers)
 
 
@@ -106,12 +109,23 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from kdray.report.tables import layers_table
 
     cfg = load_config(args.config, args.overrides)
-    acc = None
+    if args.plot and not args.probes:
+        raise ConfigError("--plot", args.plot, "only with --probes")
+    found = None
     if args.probes:
         from kdray.experiment.run import probe_layer_accuracies
 
-        acc = probe_layer_accuracies(cfg, args.probes)
-    print(layers_table(list_model_layers(cfg, args.which), acc))
+        plot = Path(args.plot or f"{cfg.name}-probes-{args.probes}.png")
+        check_output_file(plot, "--plot", "probes.png")
+        found = probe_layer_accuracies(cfg, args.probes)
+    print(layers_table(list_model_layers(cfg, args.which), found.val_acc if found else None))
+    if found is not None:
+        from kdray.report.plots import probe_layers_plot
+        from kdray.report.tables import probe_layers_table
+
+        print()
+        print(probe_layers_table(found))
+        print(f"plot: {probe_layers_plot(found.probes, found.teacher_val_acc, plot, f'{cfg.name}: where the answer lives')}")
     return 0
 
 
@@ -380,12 +394,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError("--metric", args.metric, "a column of the results: " + ", ".join(df.columns))
     folder = results_path(args.experiment, args.storage_path).parent
     out = Path(args.output or folder / "report.html")
-    if out.is_dir():
-        raise ConfigError("--output", str(out), "a file path such as report.html (this is a folder)")
-    check_writable_dir(out.parent, "--output")
+    check_output_file(out, "--output", "report.html")
     out = write_report(df, folder.name, out, args.metric, args.mode)
     print(f"wrote {out}")
     return 0
+
+
+def check_output_file(path: Path, field: str, example: str) -> None:
+    """A file kdray may write: not a folder, in a folder it can create and write in (nothing is created)."""
+    if path.is_dir():
+        raise ConfigError(field, str(path), f"a file path such as {example} (this is a folder)")
+    check_writable_dir(path.parent, field)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import TINY, free_port
-from helpers.mlflow_runs import all_runs
+from helpers.mlflow_runs import all_runs, predict_in_fresh_process
 from helpers.searches import SPACE, write_space
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -162,15 +159,8 @@ def test_best_student_is_registered_and_loads_in_a_fresh_process(tracked):
     with torch.no_grad():
         expected = student(torch.from_numpy(x)).numpy()
     # ... and a fresh process loading models:/NAME@challenger gives the checkpoint's predictions
-    np.save(tracked.tmp / "x.npy", x)
-    code = ("import sys, numpy as np, mlflow; m = mlflow.pyfunc.load_model(sys.argv[1]); "
-            "np.save(sys.argv[3], np.asarray(m.predict(np.load(sys.argv[2]))))")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracked.uri}
-    done = subprocess.run([sys.executable, "-c", code, f"models:/{MODEL}@challenger", str(tracked.tmp / "x.npy"),
-                           str(tracked.tmp / "y.npy")], env=env, capture_output=True, text=True, timeout=180,
-                          cwd=tracked.tmp)
-    assert done.returncode == 0, done.stderr[-3000:]
-    np.testing.assert_allclose(np.load(tracked.tmp / "y.npy"), expected, rtol=1e-5, atol=1e-5)
+    y = predict_in_fresh_process(f"models:/{MODEL}@challenger", x, tracked.uri, tracked.tmp)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_promote_moves_aliases_and_names_what_is_missing(tracked, capsys):
@@ -390,14 +380,8 @@ def test_an_int8_student_is_registered_and_loads_within_a_point_of_the_float_one
     assert float(tags["int8_latency_ms"]) > 0 and float(tags["float_latency_ms"]) > 0
     cfg = parse_config(tiny_raw)
     b = make_bundle(cfg.data, cfg.cache_dir)
-    np.save(tmp_path / "x.npy", b.x_test.numpy())
-    code = ("import sys, numpy as np, mlflow; m = mlflow.pyfunc.load_model(sys.argv[1]); "
-            "np.save(sys.argv[3], np.asarray(m.predict(np.load(sys.argv[2]))))")
-    done = subprocess.run([sys.executable, "-c", code, "models:/tiny-int8-student@challenger", str(tmp_path / "x.npy"),
-                           str(tmp_path / "y.npy")], env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    acc = float((np.load(tmp_path / "y.npy").argmax(1) == b.y_test.numpy()).mean())
+    y = predict_in_fresh_process("models:/tiny-int8-student@challenger", b.x_test.numpy(), uri, tmp_path)
+    acc = float((y.argmax(1) == b.y_test.numpy()).mean())
     assert acc == pytest.approx(float(tags["int8_test_acc"]), abs=1e-6)
     assert abs(acc - float(tags["float_test_acc"])) <= 0.01  # within 1 point of the float student
     assert out.table.loc[out.table.trial_id == tags["trial_id"], "model_version"].iloc[0] == str(mv.version)

@@ -82,6 +82,10 @@ class TeacherRecipe(Strict):
 
 
 class TeacherConfig(Strict):
+    """A teacher: its model, and where its weights come from: a ``checkpoint`` file, a ``recipe`` to train it, or
+    neither when the model loads trained weights of its own (``hf_causal_lm``, a fine-tuned Hugging Face folder;
+    checked against the model registry by :mod:`kdray.experiment.preflight`)."""
+
     model: ModelSpec
     checkpoint: Optional[str] = None
     recipe: Optional[TeacherRecipe] = None
@@ -89,8 +93,8 @@ class TeacherConfig(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":
-        if (self.checkpoint is None) == (self.recipe is None):
-            raise ValueError("give exactly one of teacher.checkpoint (a file) or teacher.recipe (train it)")
+        if self.checkpoint is not None and self.recipe is not None:
+            raise ValueError("give at most one of teacher.checkpoint (a file) or teacher.recipe (train it)")
         return self
 
 
@@ -124,6 +128,8 @@ class TeacherCacheConfig(Strict):
     dtype: Literal["float32", "float16"] = "float32"  # of stored layer outputs (logits stay float32)
     # full layer outputs (all splits) above this many MB are stored in float16; still above it, not cached
     max_feature_mb: float = Field(2048.0, gt=0)
+    # of the pooled outputs that probes read: auto is float16 for language-model teachers (hf_causal_lm), else float32
+    pooled_dtype: Literal["auto", "float32", "float16"] = "auto"
 
 
 class ExportConfig(Strict):

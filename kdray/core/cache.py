@@ -42,6 +42,7 @@ from kdray.core.cache_store import (FORMAT, SPLITS, CorruptEntry, load_entry, re
                                     tmp_folder, write_splits)
 from kdray.core.hooks import FeatureHooks
 from kdray.core.probes import Probe, ProbeReport, ProbeSpec, fit_probe, pool
+from kdray.core.text import length_batches
 from kdray.paths import cache_dir
 
 log = logging.getLogger("kdray")
@@ -56,6 +57,7 @@ class CacheRequest:
     feature_layers: tuple[str, ...] = ()  # full outputs (feature methods)
     probes: tuple[ProbeSpec, ...] = ()
     dtype: str = "float32"  # of the stored features: float32 | float16
+    pooled_dtype: str = "float32"  # of the stored pooled outputs (float16 for language models' hidden states)
 
     @property
     def pooled(self) -> tuple[tuple[str, str], ...]:
@@ -63,11 +65,12 @@ class CacheRequest:
 
     def union(self, other: "CacheRequest") -> "CacheRequest":
         return CacheRequest(tuple(sorted(set(self.feature_layers) | set(other.feature_layers))),
-                            tuple(sorted(set(self.probes) | set(other.probes))), self.dtype)
+                            tuple(sorted(set(self.probes) | set(other.probes))), self.dtype, self.pooled_dtype)
 
     def describe(self) -> dict:
+        pooled = {"pooled_dtype": self.pooled_dtype} if self.pooled_dtype != "float32" else {}  # keys stay as before
         return {"feature_layers": list(self.feature_layers), "probes": [asdict(p) for p in self.probes],
-                "dtype": self.dtype}
+                "dtype": self.dtype, **pooled}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +85,12 @@ def _hash_tensors(h: "hashlib._Hash", tensors: Iterable[tuple[str, torch.Tensor]
 
 
 def teacher_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the teacher's class, parameter and buffer names, shapes and values."""
+    """SHA-256 of the teacher's class, parameter and buffer names, shapes and values; for a model that knows the
+    fingerprint of the files its weights came from (``weights_fingerprint()``, e.g. a Hugging Face folder, hashed
+    once and remembered), that one, so a large teacher is not hashed on every run."""
+    known = getattr(model, "weights_fingerprint", None)
+    if callable(known) and (fp := known()) is not None:
+        return stable_hash({"class": type(model).__qualname__, "files": fp})
     h = hashlib.sha256(type(model).__qualname__.encode())
     _hash_tensors(h, sorted(model.state_dict().items()))
     return h.hexdigest()[:16]
@@ -93,6 +101,8 @@ def data_fingerprint(bundle: DataBundle) -> str:
     h = hashlib.sha256(bundle.fingerprint.encode())
     _hash_tensors(h, [("x_train", bundle.x_train), ("y_train", bundle.y_train), ("x_val", bundle.x_val),
                       ("y_val", bundle.y_val), ("x_test", bundle.x_test), ("y_test", bundle.y_test)])
+    if bundle.teacher_view is not None:  # what the teacher reads
+        _hash_tensors(h, [(f"teacher_x_{s}", bundle.teacher_x(s)) for s in SPLITS])
     return h.hexdigest()[:16]
 
 
@@ -150,7 +160,8 @@ def covers(manifest: dict, request: CacheRequest) -> bool:
     have = manifest.get("request", {})
     probes = {_spec(p) for p in have.get("probes", [])}
     pooled = {(p.layer, p.pooling) for p in probes}
-    return (have.get("dtype") == request.dtype and set(request.feature_layers) <= set(have.get("feature_layers", []))
+    return (have.get("dtype") == request.dtype and have.get("pooled_dtype", "float32") == request.pooled_dtype
+            and set(request.feature_layers) <= set(have.get("feature_layers", []))
             and all(p in probes or (p.layer, p.pooling) in pooled for p in request.probes))
 
 
@@ -177,34 +188,37 @@ def fit_cached_probe(arrays: dict, spec: ProbeSpec, num_classes: int) -> tuple[P
 # building an entry
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def teacher_outputs(model: nn.Module, x: torch.Tensor, request: CacheRequest, batch_size: int,
                     device: torch.device) -> dict[str, np.ndarray]:
-    """Logits, full outputs of the feature layers and pooled outputs of the probe layers for all of ``x``."""
+    """Logits, full outputs of the feature layers and pooled outputs of the probe layers for all of ``x``, in
+    example order: one pass of the teacher for every layer. Float inputs are cast to the teacher's dtype; token
+    ids are batched by length (:func:`~kdray.core.text.length_batches`) so little is spent on padding."""
     layers = sorted(set(request.feature_layers) | {layer for layer, _ in request.pooled})
-    cols: dict[str, list[np.ndarray]] = {"logits": []}
-    cols.update({f"feat/{p}": [] for p in request.feature_layers})
-    cols.update({_pooled_column(p, how): [] for p, how in request.pooled})
+    dtypes = {"logits": np.float32, **{f"feat/{p}": request.dtype for p in request.feature_layers},
+              **{_pooled_column(p, how): request.pooled_dtype for p, how in request.pooled}}
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in dtypes}
+    order = []
+    weight_dtype = next((p.dtype for p in model.parameters()), torch.float32)
     model.eval()
     with FeatureHooks(model, layers) as hooks:
-        for i in range(0, len(x), batch_size):
-            cols["logits"].append(model(x[i:i + batch_size].to(device)).float().cpu().numpy())
+        for idx, xb in length_batches(x, batch_size):
+            xb = xb.to(device, weight_dtype if torch.is_floating_point(xb) else None)
+            order.append(idx.numpy())
+            cols["logits"].append(model(xb).float().cpu().numpy())
             for p in request.feature_layers:
-                cols[f"feat/{p}"].append(hooks.outputs[p].cpu().numpy())
+                cols[f"feat/{p}"].append(hooks.outputs[p].float().cpu().numpy().astype(dtypes[f"feat/{p}"]))
             for p, how in request.pooled:
-                cols[_pooled_column(p, how)].append(pool(hooks.outputs[p], how).float().cpu().numpy())
-    out = {}
-    for k, parts in cols.items():
-        a = np.concatenate(parts) if parts else np.zeros((0,), np.float32)
-        out[k] = a.astype(request.dtype if k.startswith("feat/") else np.float32, copy=False)
-    return out
+                col = _pooled_column(p, how)
+                cols[col].append(pool(hooks.outputs[p], how).float().cpu().numpy().astype(dtypes[col]))
+    where = np.argsort(np.concatenate(order)) if order else np.zeros((0,), np.int64)
+    return {k: np.concatenate(parts)[where] if parts else np.zeros((0,), dtypes[k]) for k, parts in cols.items()}
 
 
 def _compute_arrays(teacher: nn.Module, bundle: DataBundle, request: CacheRequest, batch_size: int,
                     device: torch.device) -> dict[str, dict[str, np.ndarray]]:
     """Per split: example ids, labels and the teacher's outputs."""
-    data = {"train": (bundle.x_train, bundle.y_train), "val": (bundle.x_val, bundle.y_val),
-            "test": (bundle.x_test, bundle.y_test)}
+    data = {s: (bundle.teacher_x(s), getattr(bundle, f"y_{s}")) for s in SPLITS}
     arrays = {}
     for split, (x, y) in data.items():
         cols = teacher_outputs(teacher, x, request, batch_size, device)
@@ -227,18 +241,32 @@ def _add_probe_predictions(arrays: dict, request: CacheRequest, num_classes: int
     return probes
 
 
+def teacher_accuracy(arrays: dict, num_classes: int) -> dict[str, float]:
+    """The teacher's own accuracy per split (its answer-token accuracy, for a language model), when its outputs are
+    the task's classes."""
+    out = {}
+    for split in SPLITS:
+        logits, y = arrays[split]["logits"], np.asarray(arrays[split]["label"])
+        lab = y >= 0
+        if logits.ndim == 2 and logits.shape[1] == num_classes and lab.any():
+            out[split] = float((logits[lab].argmax(1) == y[lab]).mean())
+    return out
+
+
 def _fill_entry(folder: Path, key: str, teacher: nn.Module, bundle: DataBundle, request: CacheRequest,
                 info: dict, batch_size: int, device: torch.device) -> None:
     """Run the teacher over every split, fit the probes, write the files and the manifest into ``folder``."""
     t0 = time.perf_counter()
     arrays = _compute_arrays(teacher, bundle, request, batch_size, device)
     probes = _add_probe_predictions(arrays, request, bundle.num_classes)
+    answer_acc = teacher_accuracy(arrays, bundle.num_classes)
     files, shapes = write_splits(folder, arrays)
     n = sum(f["rows"] for f in files.values())
     total = sum(f["bytes"] for f in files.values())
     manifest = {"format": FORMAT, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "teacher": info.get("teacher", {}), "data": info.get("data", {}), "num_classes": bundle.num_classes,
                 "request": request.describe(), "shapes": shapes, "files": files, "probes": probes,
+                "teacher_accuracy": answer_acc,
                 "examples": n, "bytes": total, "bytes_per_example": round(total / max(n, 1), 1),
                 "build_seconds": round(time.perf_counter() - t0, 2), "notes": info.get("notes", [])}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-POOLINGS = ("mean", "max", "flatten", "first", "seq_mean")
+POOLINGS = ("mean", "max", "flatten", "first", "seq_mean", "last")
 
 
 def pool(x: torch.Tensor, how: str) -> torch.Tensor:
@@ -21,13 +21,17 @@ def pool(x: torch.Tensor, how: str) -> torch.Tensor:
 
     Feature maps are (B, C, L) or (B, C, H, W): ``mean``/``max`` pool over the positions (dims >= 2).
     Token sequences are (B, T, D): ``first`` takes token 0 (the [CLS] token), ``seq_mean`` averages
-    over tokens. ``flatten`` keeps everything. (B, D) vectors pass through unchanged."""
+    over tokens, ``last`` takes the last position, which is the last real token of every prompt for a decoder-only
+    model (kdray's ``hf_causal_lm`` lays its batches out padded on the left). ``flatten`` keeps everything.
+    (B, D) vectors pass through unchanged."""
     if x.dim() == 2:
         return x
     if how == "flatten":
         return x.flatten(1)
     if how == "first":
         return x[:, 0].flatten(1)
+    if how == "last":
+        return x[:, -1].flatten(1)
     if how == "mean":
         return x.flatten(2).mean(dim=2)
     if how == "max":

@@ -12,7 +12,8 @@ training examples kept labelled (``y_train == -1`` elsewhere), plus a fingerprin
 
 The registry and its base pieces are :mod:`kdray.data.registry`; the built-in data sets, registered when
 this package is imported, are :mod:`kdray.data.mnist1d` (``mnist1d``), :mod:`kdray.data.cifar`
-(``cifar10``, ``cifar100``) and :mod:`kdray.data.hf_text` (``hf_text``).
+(``cifar10``, ``cifar100``), :mod:`kdray.data.hf_text` (``hf_text``) and :mod:`kdray.data.multiple_choice`
+(``multiple_choice``: prompts for a language-model teacher, with a student view of their own).
 """
 from __future__ import annotations
 
@@ -24,17 +25,18 @@ import torch
 from pydantic import ValidationError
 
 from kdray.config import DataConfig, config_error_from, stable_hash
-from kdray.core.bundle import DataBundle
+from kdray.core.bundle import DataBundle, TeacherView
 # importing the built-in data sets registers them
 from kdray.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, CifarParams, RestrictedUnpickler
 from kdray.data.hf_text import HF_INSTALL_HINT, HFTextParams
 from kdray.data.mnist1d import MNIST1DParams
+from kdray.data.multiple_choice import MultipleChoiceParams
 from kdray.data.registry import DATASETS, Params, RawData, register_dataset
 from kdray.errors import ConfigError
 
 __all__ = ["DATASETS", "RawData", "DataBundle", "make_bundle", "check_data_params", "load_raw", "Params",
            "register_dataset", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "RestrictedUnpickler",
-           "MNIST1DParams", "CifarParams", "HFTextParams"]
+           "MNIST1DParams", "CifarParams", "HFTextParams", "MultipleChoiceParams", "TeacherView"]
 
 
 def _parse_params(loader: Callable, cfg: DataConfig, field_: str) -> Params:
@@ -68,7 +70,7 @@ def check_data_params(cfg: DataConfig, field: str) -> None:
             raise ConfigError(f"{field}.root", None, f"a folder for data set {cfg.name}: {hint}")
         if not Path(cfg.root).expanduser().exists():
             raise ConfigError(f"{field}.root", cfg.root, f"an existing folder for data set {cfg.name}: {hint}")
-    if cfg.name == "hf_text":
+    if cfg.name in ("hf_text", "multiple_choice"):
         for pkg in ("datasets", "transformers"):
             if importlib.util.find_spec(pkg) is None:
                 raise ConfigError(f"{field}.name", cfg.name, HF_INSTALL_HINT)
@@ -112,6 +114,8 @@ def make_bundle(cfg: DataConfig, cache_dir: str | None = None) -> DataBundle:
     params = DATASETS.get(cfg.name).params_model.model_validate(cfg.params).model_dump(mode="json")
     train_idx, val_idx, labelled = _split_and_mask(raw.y_train, raw.num_classes, cfg.val_fraction,
                                                    cfg.label_fraction, cfg.seed)
+    if raw.with_labelled is not None:
+        raw = raw.with_labelled(train_idx[labelled].tolist())
     y_train = raw.y_train[train_idx].clone()
     y_train[~labelled] = -1
     fingerprint = stable_hash({
@@ -123,5 +127,11 @@ def make_bundle(cfg: DataConfig, cache_dir: str | None = None) -> DataBundle:
         x_train=raw.x_train[train_idx], y_train=y_train, labelled=labelled,
         x_val=raw.x_train[val_idx], y_val=raw.y_train[val_idx], x_test=raw.x_test, y_test=raw.y_test,
         num_classes=raw.num_classes, augment=raw.augment, name=cfg.name, fingerprint=fingerprint,
-        meta=raw.meta,
+        meta=raw.meta, teacher_view=_teacher_view(raw, train_idx, val_idx),
     )
+
+
+def _teacher_view(raw: RawData, train_idx: torch.Tensor, val_idx: torch.Tensor) -> TeacherView | None:
+    if raw.teacher_x_train is None:
+        return None
+    return TeacherView(raw.teacher_x_train[train_idx], raw.teacher_x_train[val_idx], raw.teacher_x_test)

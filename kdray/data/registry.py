@@ -1,6 +1,6 @@
 """The data-set registry: ``DATASETS``, what a loader returns (:class:`RawData`) and the base of a loader's
 ``data.params`` model. The loaders (:mod:`kdray.data.mnist1d`, :mod:`kdray.data.cifar`,
-:mod:`kdray.data.hf_text`) register themselves here when :mod:`kdray.data` is imported."""
+:mod:`kdray.data.hf_text`, :mod:`kdray.data.multiple_choice`) register themselves here when :mod:`kdray.data` is imported."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,6 +26,11 @@ class RawData:
     num_classes: int
     augment: Optional[Augment]
     meta: dict = field(default_factory=dict)
+    # the teacher's own inputs for the same examples (another prompt or tokenizer), when they differ from x_*
+    teacher_x_train: Optional[torch.Tensor] = None
+    teacher_x_test: Optional[torch.Tensor] = None
+    # inputs that depend on which training examples are labelled (few-shot prompts): called with their indices
+    with_labelled: Optional[Callable[[list[int]], "RawData"]] = None
 
 
 class Params(BaseModel):

@@ -16,7 +16,7 @@ from kdray.models import check_model_spec
 
 
 def parse_config(raw: dict, base_dir: str | Path | None = None) -> ExperimentConfig:
-    """Validate a config dict; relative file paths resolve against ``base_dir``."""
+    """Validate a config dict; relative checkpoint paths resolve against ``base_dir``."""
     check_finite(raw)
     try:
         cfg = ExperimentConfig.model_validate(raw)
@@ -25,13 +25,42 @@ def parse_config(raw: dict, base_dir: str | Path | None = None) -> ExperimentCon
     for t in ([cfg.teacher] if cfg.teacher else []) + list(cfg.extra_teachers):
         if base_dir is not None and t.checkpoint and not Path(t.checkpoint).is_absolute():
             t.checkpoint = str((Path(base_dir) / t.checkpoint).resolve())
+    default_tokenizer(cfg)
     check_rules(cfg)
     return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> ExperimentConfig:
-    raw = apply_overrides(read_yaml(path), overrides)
+    raw = absolute_paths(apply_overrides(read_yaml(path), overrides))
     return parse_config(raw, base_dir=Path(path).parent)
+
+
+# folders named in a config besides checkpoints: data, model and tokenizer folders (a hub name stays as it is)
+PATH_KEYS = {("data", "root"), ("data", "params", "tokenizer"), ("data", "params", "teacher_tokenizer"),
+             ("data", "params", "student_tokenizer"), ("kwargs", "path"), ("kwargs", "tokenizer")}
+
+
+def absolute_paths(raw: Any, at: tuple[str, ...] = ()) -> Any:
+    """``raw`` with every relative data, model or tokenizer folder that exists from the working directory made
+    absolute, so a search's trials (which run elsewhere) find them: a folder is read where the user ran kdray."""
+    if isinstance(raw, dict):
+        return {k: absolute_paths(v, at + (str(k),)) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [absolute_paths(v, at) for v in raw]
+    if isinstance(raw, str) and any(at[-len(k):] == k for k in PATH_KEYS) and raw and not Path(raw).is_absolute() \
+            and Path(raw).expanduser().exists():
+        return str(Path(raw).expanduser().resolve())
+    return raw
+
+
+def default_tokenizer(cfg: ExperimentConfig) -> None:
+    """A multiple-choice data set's teacher view is tokenised by the teacher's own tokenizer unless the config
+    names one (``data.params.teacher_tokenizer``)."""
+    if cfg.data.name != "multiple_choice" or cfg.data.params.get("teacher_tokenizer") or cfg.teacher is None:
+        return
+    kwargs = cfg.teacher.model.kwargs
+    if kwargs.get("tokenizer") or kwargs.get("path"):
+        cfg.data.params = {**cfg.data.params, "teacher_tokenizer": kwargs.get("tokenizer") or kwargs["path"]}
 
 
 def check_rules(cfg: ExperimentConfig) -> None:

@@ -21,7 +21,7 @@ from kdray.core.train import Distiller
 from kdray.data import make_bundle
 from kdray.errors import ConfigError, first_line
 from kdray.experiment.teachers import ensemble_architecture
-from kdray.models import build_model
+from kdray.models import build_model, loads_weights
 
 
 def check_device(name: str, field: str) -> None:
@@ -80,18 +80,22 @@ def check_forward(model: nn.Module, example: torch.Tensor, field: str, num_class
 
 
 def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_classes: int, example: torch.Tensor,
-                    data_name: str = "") -> Distiller:
-    """Student + terms with adapters, after checking every layer path and shape on one batch.
+                    data_name: str = "", teacher_example: Optional[torch.Tensor] = None,
+                    two_views: bool = False) -> Distiller:
+    """Student + terms with adapters, after checking every layer path and shape on one batch (``example`` for the
+    student, ``teacher_example`` for the teacher when it reads inputs of its own: ``two_views``).
 
     Needs only the architectures (weights do not matter), so a search checks its whole space with it
     before any teacher is trained.
     """
+    t_example = example if teacher_example is None else teacher_example
+    check_views(cfg, two_views, data_name)
     student = build_model(cfg.student, num_classes, "student").to(example.device)
     distiller = Distiller(student, cfg.distill)
     teacher_classes = None
     if teacher is not None:
         with torch.no_grad():
-            teacher_classes = teacher.eval()(example[:2]).shape[1]
+            teacher_classes = teacher.eval()(t_example[:2]).shape[1]
     for i, term in enumerate(cfg.distill.terms):
         check_paths(student, term.student_layers, f"distill.terms[{i}].student_layers")
         if teacher is not None:
@@ -109,9 +113,37 @@ def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_cla
     with torch.no_grad():
         s_shapes[LOGITS] = student.eval()(example[:2]).shape  # for heads on the student (self_aux)
     student.train(was_training)
-    t_shapes = output_shapes(teacher, example, distiller.teacher_layers, "teacher_layers") if teacher is not None else {}
+    t_shapes = output_shapes(teacher, t_example, distiller.teacher_layers, "teacher_layers") if teacher is not None \
+        else {}
     distiller.build(s_shapes, t_shapes)
     return distiller.to(example.device)
+
+
+def check_views(cfg: ExperimentConfig, two_views: bool, data_name: str) -> None:
+    """When teacher and student read different inputs (another prompt or tokenizer), a term comparing their
+    features position by position, and online training of the teacher on the student's inputs, are refused."""
+    if not two_views:
+        return
+    for i, term in enumerate(cfg.distill.terms):
+        if METHODS.get(term.method).position_aligned:
+            usable = ", ".join(c.name for c in METHODS.classes() if c.needs_teacher and not c.position_aligned)
+            raise ConfigError(f"distill.terms[{i}].method", term.method,
+                              f"a method that does not match teacher and student positions one to one: teacher and "
+                              f"student read different token sequences here (data set {data_name!r} has a "
+                              f"student_tokenizer or student_template of its own); use {usable}")
+    if cfg.distill.scheme == "online":
+        raise ConfigError("distill.scheme", "online", "offline: teacher and student read different inputs here, and "
+                                                      "the online teacher learns on the student's batches")
+
+
+def check_teacher_sources(cfg: ExperimentConfig) -> None:
+    """A teacher with neither ``checkpoint`` nor ``recipe`` must be a model that loads trained weights of its own."""
+    for where, t in teacher_sections(cfg):
+        if t.checkpoint is None and t.recipe is None and not loads_weights(t.model):
+            raise ConfigError(f"{where}.checkpoint", None,
+                              f"a checkpoint file, or a {where}.recipe to train it: model {t.model.name!r} has no "
+                              "trained weights of its own (hf_causal_lm and a fine-tuned hf_sequence_classifier "
+                              "folder do)")
 
 
 def _not_logit_methods() -> str:
@@ -125,6 +157,7 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     classes, every layer path and shape), on freshly built models (weights do not matter): a bad value stops a
     run before a teacher is trained or loaded."""
     check_devices(cfg)
+    check_teacher_sources(cfg)
     b = check_data(cfg)
     example = b.x_train[: min(8, len(b.x_train))]
     teacher = ensemble_architecture(cfg, b.num_classes) if cfg.teacher is not None else None
@@ -154,11 +187,12 @@ def check_data(cfg: ExperimentConfig) -> DataBundle:
 def check_models(cfg: ExperimentConfig, teacher: Optional[nn.Module], b: DataBundle, example: torch.Tensor) -> None:
     """Student and teacher run on the data's inputs, the student has the data's classes, and every term's layers
     exist and fit the method (:func:`build_distiller`)."""
+    t_example = b.teacher_x("train")[:len(example)]
     check_forward(build_model(cfg.student, b.num_classes, "student"), example, "student", b.num_classes, b.name)
     if teacher is not None:
-        check_forward(teacher, example, "teacher.model", data_name=b.name)
+        check_forward(teacher, t_example, "teacher.model", data_name=b.name)
     with torch.no_grad():
-        build_distiller(cfg, teacher, b.num_classes, example, b.name).close()
+        build_distiller(cfg, teacher, b.num_classes, example, b.name, t_example, b.two_views).close()
 
 
 def teacher_sections(cfg: ExperimentConfig) -> list[tuple[str, Any]]:

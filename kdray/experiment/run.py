@@ -37,29 +37,36 @@ from kdray.core.train import (Data, EpochCallback, FitResult, accuracy, fit, pre
 from kdray.data import make_bundle
 from kdray.errors import ConfigError, KdrayError
 from kdray.experiment.configs import parse_config
-from kdray.experiment.preflight import check_data, check_devices, check_experiment, check_forward
-from kdray.experiment.teacher_signal import Built, Prepared, build, cache_info, cache_request
+from kdray.experiment.preflight import check_data, check_devices, check_experiment, check_forward, check_teacher_sources
+from kdray.experiment.teacher_signal import Built, Prepared, build, cache_info, cache_request, pooled_dtype
 from kdray.experiment.teachers import ensemble_architecture, ensemble_mix, get_teachers
 from kdray.models import build_model, count_parameters
 
-__all__ = ["Built", "Prepared", "RunSummary", "born_again", "build", "cache_info", "cache_request", "compress",
+__all__ = ["Built", "Prepared", "ProbeLayers", "RunSummary", "born_again", "build", "cache_info", "cache_request", "compress",
            "export_metrics", "list_model_layers", "prepare", "probe_layer_accuracies", "run", "save_run"]
 
 log = logging.getLogger("kdray")
 
 
 def prepare(cfg: ExperimentConfig) -> Prepared:
+    """The data and the frozen teacher, with facts about the teacher: its classes, parameters and test accuracy
+    (measured here unless the teacher cache will hold its test logits: a large teacher runs over the data once)."""
     bundle = make_bundle(cfg.data, cfg.cache_dir)
     teacher, info = None, {}
     if cfg.teacher is not None:
         teacher, info = get_teachers(cfg, bundle.num_classes, make_bundle=lambda d: make_bundle(d, cfg.cache_dir))
         teacher.eval().requires_grad_(False)
-        t_logits = predict(teacher, bundle.x_test, cfg.data.eval_batch_size)
-        if t_logits.shape[1] == bundle.num_classes:
-            info["teacher_test_acc"] = accuracy(t_logits, bundle.y_test)
-        info["teacher_classes"] = t_logits.shape[1]
+        x_test = bundle.teacher_x("test")
+        info["teacher_classes"] = predict(teacher, x_test[:2], 2).shape[1]
         info["teacher_params"] = count_parameters(teacher)
+        if info["teacher_classes"] == bundle.num_classes and not uses_cache(cfg, bundle):
+            info["teacher_test_acc"] = accuracy(predict(teacher, x_test, cfg.data.eval_batch_size), bundle.y_test)
     return Prepared(bundle, teacher, info)
+
+
+def uses_cache(cfg: ExperimentConfig, bundle: DataBundle) -> bool:
+    """Whether runs of ``cfg`` read the teacher from the teacher cache (offline, inputs not augmented, cache on)."""
+    return cfg.distill.scheme == "offline" and bundle.augment is None and cfg.teacher_cache.enabled
 
 
 @dataclass
@@ -118,9 +125,9 @@ def run_teacher_info(cfg: ExperimentConfig, prep: Prepared, built: Built) -> dic
     if isinstance(prep.teacher, TeacherEnsemble):  # this run's mix of the members (a search may draw the weights)
         w, _ = ensemble_mix(cfg)
         teacher_info["ensemble_weights"] = [x / sum(w) for x in w]
-        if built.teacher_test_pred is not None:
-            y_test = prep.bundle.y_test
-            teacher_info["teacher_test_acc"] = (built.teacher_test_pred.cpu() == y_test).float().mean().item()
+    if built.teacher_test_pred is not None:  # this run's teacher (an ensemble: its mix) on the test split
+        y_test = prep.bundle.y_test
+        teacher_info["teacher_test_acc"] = (built.teacher_test_pred.cpu() == y_test).float().mean().item()
     return teacher_info
 
 
@@ -284,29 +291,60 @@ def write_run(out: Path, cfg: ExperimentConfig, student: nn.Module, bundle: Data
 
 
 def list_model_layers(cfg: ExperimentConfig, which: str = "both") -> list:
-    """Every module of the teacher and/or student with its output shape on one batch of the data.
+    """Every module of the teacher and/or student with its output shape on one batch of the data (each model on
+    its own view of the examples).
 
     The models are built from their specs (no teacher training or checkpoint needed: shapes do not
     depend on weights).
     """
 
     b = check_data(cfg)
-    example = b.x_train[: min(len(b.x_train), cfg.data.batch_size)]
+    n = min(len(b.x_train), cfg.data.batch_size)
     out = []
     if cfg.teacher is not None and which in ("teacher", "both"):
         teacher = ensemble_architecture(cfg, b.num_classes)
-        check_forward(teacher, example, "teacher.model", data_name=b.name)
-        out += list_layers(teacher, example, "teacher")
+        t_example = b.teacher_x("train")[:n]
+        check_forward(teacher, t_example, "teacher.model", data_name=b.name)
+        out += list_layers(teacher, t_example, "teacher")
     if which in ("student", "both"):
         student = build_model(cfg.student, b.num_classes, "student")
-        check_forward(student, example, "student", b.num_classes, b.name)
-        out += list_layers(student, example, "student")
+        check_forward(student, b.x_train[:n], "student", b.num_classes, b.name)
+        out += list_layers(student, b.x_train[:n], "student")
     return out
 
 
-def probe_layer_accuracies(cfg: ExperimentConfig, pooling: str) -> dict[str, float]:
-    """Validation accuracy of a Probe-KD probe (``pooling``, default l2 and iterations) on every teacher layer
-    whose output has a batch dimension, through the teacher cache (the teacher is trained if need be)."""
+@dataclass
+class ProbeLayers:
+    """Where the answer lives: a probe's accuracy on every candidate teacher layer (in depth order) and the
+    teacher's own accuracy (its answer tokens' for a language model) on the same validation examples."""
+
+    pooling: str
+    probes: list[dict]  # {layer, pooling, dim, train_acc, val_acc, ...} per layer, in depth order
+    teacher_val_acc: Optional[float]
+    teacher_test_acc: Optional[float]
+
+    @property
+    def val_acc(self) -> dict[str, float]:
+        return {p["layer"]: p["val_acc"] for p in self.probes}
+
+    @property
+    def best(self) -> Optional[dict]:
+        return max(self.probes, key=lambda p: p["val_acc"], default=None)
+
+
+def probe_candidates(teacher: nn.Module, example: torch.Tensor) -> list[str]:
+    """The teacher layers ``kdray layers --probes`` fits a probe on: a language model's decoder blocks
+    (``probe_layers()``), else every module whose output has a batch dimension, in forward order."""
+    blocks = getattr(teacher, "probe_layers", None)
+    if callable(blocks) and blocks():
+        return list(blocks())
+    return [i.path for i in list_layers(teacher, example, "teacher") if i.shape and i.shape[0] == len(example)]
+
+
+def probe_layer_accuracies(cfg: ExperimentConfig, pooling: str) -> ProbeLayers:
+    """Validation accuracy of a Probe-KD probe (``pooling``, default l2 and iterations) on every candidate teacher
+    layer (:func:`probe_candidates`), from one teacher pass through the teacher cache (the teacher is trained if
+    need be), and the teacher's own accuracy beside them."""
 
     if cfg.teacher is None:
         raise ConfigError("teacher", None, "a teacher (probes are fitted on its layers)")
@@ -316,12 +354,16 @@ def probe_layer_accuracies(cfg: ExperimentConfig, pooling: str) -> dict[str, flo
     except ValidationError as e:
         raise ConfigError("--probes", pooling, config_error_from(e, root=options).allowed) from None
     check_devices(cfg)
+    check_teacher_sources(cfg)
     list_model_layers(cfg, "teacher")  # data and teacher checked before the teacher is trained
     prep = prepare(cfg)
     b = prep.bundle
-    example = b.x_train[: min(len(b.x_train), cfg.data.batch_size)]
-    paths = [i.path for i in list_layers(prep.teacher, example, "teacher") if i.shape and i.shape[0] == len(example)]
-    req = CacheRequest((), tuple(ProbeSpec(p, pooling, opts.l2, opts.max_iter) for p in paths), cfg.teacher_cache.dtype)
+    example = b.teacher_x("train")[: min(len(b.x_train), cfg.data.batch_size)]
+    paths = probe_candidates(prep.teacher, example)
+    req = CacheRequest((), tuple(ProbeSpec(p, pooling, opts.l2, opts.max_iter) for p in paths), cfg.teacher_cache.dtype,
+                       pooled_dtype(cfg, prep.teacher))
     cache = get_cache(prep.teacher, b, req, cache_root=cfg.cache_dir, info=cache_info(cfg),
-                      batch_size=cfg.data.eval_batch_size)
-    return {r["layer"]: r["val_acc"] for r in cache.manifest["probes"] if r["pooling"] == pooling and r["layer"] in paths}
+                      batch_size=cfg.data.eval_batch_size, device=resolve_device(cfg.train.device))
+    found = {r["layer"]: r for r in cache.manifest["probes"] if r["pooling"] == pooling}
+    acc = cache.manifest.get("teacher_accuracy", {})
+    return ProbeLayers(pooling, [found[p] for p in paths if p in found], acc.get("val"), acc.get("test"))

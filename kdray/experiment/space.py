@@ -27,8 +27,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from kdray.config import ExperimentConfig, Strict, check_run_name, config_error_from, read_yaml, set_dotted
 from kdray.core.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
 from kdray.errors import ConfigError
-from kdray.experiment.configs import load_config, parse_config
-from kdray.experiment.preflight import check_data, check_devices, check_models
+from kdray.experiment.configs import absolute_paths, load_config, parse_config
+from kdray.experiment.preflight import check_data, check_devices, check_models, check_teacher_sources
 from kdray.experiment.teachers import ensemble_architecture, load_model
 
 DIM_KEYS = {"choice", "float", "int", "log", "step"}
@@ -272,7 +272,7 @@ def load_space(path: str | Path) -> tuple[SearchSpace, dict, Path]:
     base_path = (Path(path).parent / space.base).resolve()
     if not base_path.is_file():
         raise ConfigError("base", space.base, f"an experiment config file (looked for {base_path})")
-    base_raw = read_yaml(base_path, "base")
+    base_raw = absolute_paths(read_yaml(base_path, "base"))
     check_searchable(space, dimensions(space))  # dimension syntax errors surface in dimensions()
     return space, base_raw, base_path.parent
 
@@ -380,6 +380,7 @@ def check_space(space: SearchSpace, base_raw: dict, base_dir: Path, trial_gpus: 
         raise ConfigError("train.device", first.train.device, "auto or cpu: the trials get no GPU "
                                                               "(--gpus-per-worker 0)")
     check_devices(first, student=False)
+    check_teacher_sources(first)
     bundle = check_data(first)
     example = bundle.x_train[: min(8, len(bundle.x_train))]
     teacher = ensemble_architecture(first, bundle.num_classes) if first.teacher else None

@@ -52,26 +52,29 @@ class Built:
 def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
     """Check layers and shapes, build adapters, fit probes, choose the teacher signal."""
     b = prep.bundle
-    example = b.x_train[: min(len(b.x_train), cfg.data.batch_size)].to(device)
+    n = min(len(b.x_train), cfg.data.batch_size)
+    example, t_example = b.x_train[:n].to(device), b.teacher_x("train")[:n].to(device)
     teacher = teacher_for(prep.teacher.to(device), cfg) if prep.teacher is not None else None
-    distiller = build_distiller(cfg, teacher, b.num_classes, example, b.name)
+    distiller = build_distiller(cfg, teacher, b.num_classes, example, b.name, t_example, b.two_views)
     if teacher is None:
         return Built(distiller, None, None, [], None, None)
     eval_bs = cfg.data.eval_batch_size
     same_classes = prep.teacher_info.get("teacher_classes") == b.num_classes
     specs = probe_specs(distiller.terms)
     if cfg.distill.scheme == "offline" and b.augment is None and cfg.teacher_cache.enabled and \
-            (req := cache_request([cfg], prep, example)) is not None:
+            (req := cache_request([cfg], prep, t_example)) is not None:
         cache = usable_cache(cfg, prep, req, device)
         signal, reports = cached_signal(cache, distiller, specs, teacher)
         val_pred, test_pred = [cached_logits(cache, s, teacher).argmax(1)
                                if same_classes and len(cache.arrays[s]["label"]) else None for s in ("val", "test")]
         return Built(distiller, signal, None, reports, val_pred, test_pred)
-    teacher_val_pred = (predict(teacher, b.x_val.to(device), eval_bs).argmax(1).cpu()
+    teacher_val_pred = (predict(teacher, b.teacher_x("val").to(device), eval_bs).argmax(1).cpu()
                         if same_classes and len(b.x_val) else None)
-    teacher_test_pred = predict(teacher, b.x_test.to(device), eval_bs).argmax(1).cpu() if same_classes else None
+    teacher_test_pred = predict(teacher, b.teacher_x("test").to(device), eval_bs).argmax(1).cpu() if same_classes \
+        else None
     if cfg.distill.scheme == "online":
         teacher = copy.deepcopy(teacher).train().requires_grad_(True)  # the shared one stays frozen
+        getattr(teacher, "forget_fingerprint", lambda: None)()
         return Built(distiller, LiveTeacher(teacher, distiller.teacher_layers, {}), teacher, [], teacher_val_pred,
                      teacher_test_pred)
     if b.augment is not None:
@@ -80,8 +83,8 @@ def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
     # augmented inputs: the teacher runs live, so only the probes' layers are needed up-front
     layers = sorted(set(probe_layers) if b.augment is not None else set(distiller.teacher_layers) | set(probe_layers))
     t0 = time.perf_counter()
-    logits, feats = teacher_pass(teacher, b.x_train.to(device), layers, eval_bs)
-    _, val_feats = teacher_pass(teacher, b.x_val.to(device), probe_layers, eval_bs)
+    logits, feats = teacher_pass(teacher, b.teacher_x("train").to(device), layers, eval_bs)
+    _, val_feats = teacher_pass(teacher, b.teacher_x("val").to(device), probe_layers, eval_bs)
     probes, reports = fit_probes(specs, feats, b.y_train.to(device), val_feats, b.y_val.to(device), b.num_classes)
     if b.augment is not None:
         signal: Any = LiveTeacher(teacher, distiller.teacher_layers, probes)
@@ -108,7 +111,8 @@ def cache_request(cfgs: list[ExperimentConfig], prep: Prepared, example: torch.T
     computes the teacher's outputs in memory, uncached)."""
 
     members = tuple(prep.teacher.member_paths) if isinstance(prep.teacher, TeacherEnsemble) else ()
-    req = CacheRequest(members, dtype=cfgs[0].teacher_cache.dtype)  # an ensemble: every member's logits
+    # an ensemble: every member's logits
+    req = CacheRequest(members, dtype=cfgs[0].teacher_cache.dtype, pooled_dtype=pooled_dtype(cfgs[0], prep.teacher))
     for cfg in cfgs:
         if cfg.distill.scheme == "offline":
             terms = [m for _, _, m in build_terms(cfg.distill.terms, cfg.distill.temperature)]
@@ -116,12 +120,21 @@ def cache_request(cfgs: list[ExperimentConfig], prep: Prepared, example: torch.T
     return fit_budget(req, cfgs[0], prep, example)
 
 
+def pooled_dtype(cfg: ExperimentConfig, teacher: Optional[nn.Module]) -> str:
+    """``teacher_cache.pooled_dtype``; ``auto``: what the teacher asks for (``cache_pooled_dtype``: float16 for a
+    language model's hidden states), else float32."""
+    if cfg.teacher_cache.pooled_dtype != "auto":
+        return cfg.teacher_cache.pooled_dtype
+    members = list(teacher.children()) if isinstance(teacher, TeacherEnsemble) else [teacher]
+    return "float16" if any(getattr(m, "cache_pooled_dtype", "") == "float16" for m in members) else "float32"
+
+
 def fit_budget(req: CacheRequest, cfg: ExperimentConfig, prep: Prepared, example: torch.Tensor
                ) -> Optional[CacheRequest]:
     if not req.feature_layers or prep.teacher is None:
         return req
     b = prep.bundle
-    n = len(b.x_train) + len(b.x_val) + len(b.x_test)
+    n = len(b.x_train) + len(b.x_val) + len(b.x_test)  # example: the teacher's inputs
     shapes = output_shapes(prep.teacher, example[:2].to(next(prep.teacher.parameters()).device),
                            list(req.feature_layers), "teacher_layers")
     per_example = sum(math.prod(s[1:]) for s in shapes.values())
@@ -133,7 +146,7 @@ def fit_budget(req: CacheRequest, cfg: ExperimentConfig, prep: Prepared, example
         log.info("teacher cache: full outputs of %s take %.0f MB in %s, over teacher_cache.max_feature_mb=%g: "
                  "storing them in float16", ", ".join(req.feature_layers), size(req.dtype) / 1e6, req.dtype,
                  cfg.teacher_cache.max_feature_mb)
-        return CacheRequest(req.feature_layers, req.probes, "float16")
+        return CacheRequest(req.feature_layers, req.probes, "float16", req.pooled_dtype)
     log.info("teacher cache: full outputs of %s take %.0f MB even in float16, over teacher_cache.max_feature_mb=%g:"
              " not cached", ", ".join(req.feature_layers), size("float16") / 1e6, cfg.teacher_cache.max_feature_mb)
     return None

@@ -1,4 +1,5 @@
-"""Teachers: loading from a checkpoint, training once from a recipe (cached), and teacher signals.
+"""Teachers: loading from a checkpoint, training once from a recipe (cached), a model that loads its own trained
+weights (a Hugging Face folder), and teacher ensembles.
 
 A *teacher signal* gives the training step the teacher's logits, hooked layer outputs and Probe-KD
 probe predictions for a batch. :class:`PrecomputedTeacher` computes them once for the whole training
@@ -66,6 +67,11 @@ def recipe_key(cfg: ExperimentConfig) -> str:
 def get_teacher(cfg: ExperimentConfig, num_classes: int, *, make_bundle: Callable[[DataConfig], Any]) -> tuple[nn.Module, dict]:
     """The frozen teacher of ``cfg`` and facts about it (source, test accuracy when trained here)."""
     assert cfg.teacher is not None
+    if cfg.teacher.checkpoint is None and cfg.teacher.recipe is None:  # its own weights (checked by preflight)
+        model = build_model(cfg.teacher.model, num_classes, "teacher.model")
+        log.info("teacher: %s with its own weights (%s)", cfg.teacher.model.name,
+                 cfg.teacher.model.kwargs.get("path", "from its factory"))
+        return model, {"source": str(cfg.teacher.model.kwargs.get("path", cfg.teacher.model.name))}
     if cfg.teacher.checkpoint:
         model = load_model(cfg.teacher.checkpoint, cfg.teacher.model, num_classes, "teacher.checkpoint")
         info = {"source": cfg.teacher.checkpoint}
@@ -88,7 +94,8 @@ def get_teacher(cfg: ExperimentConfig, num_classes: int, *, make_bundle: Callabl
     device = resolve_device(recipe.train.device)
     model = build_model(cfg.teacher.model, bundle.num_classes, "teacher.model").to(device)
     distiller = Distiller(model, DistillConfig(ce_weight=1.0))
-    data = Data(bundle.x_train, bundle.y_train, bundle.x_val, bundle.y_val, data_cfg.batch_size,
+    getattr(model, "forget_fingerprint", lambda: None)()  # trained here: its folder no longer names its weights
+    data = Data(bundle.teacher_x("train"), bundle.y_train, bundle.teacher_x("val"), bundle.y_val, data_cfg.batch_size,
                 data_cfg.eval_batch_size, bundle.augment)
     log.info("teacher: training %s from its recipe (%d epochs), cached as %s", cfg.teacher.model.name,
              recipe.train.epochs, path.name)
@@ -96,7 +103,8 @@ def get_teacher(cfg: ExperimentConfig, num_classes: int, *, make_bundle: Callabl
     with epoch_bar(recipe.train.epochs, "teacher", recipe.train.progress) as bar:
         res = fit(distiller, data, recipe.train, seed=recipe.seed, progress=bar)
     distiller.close()
-    test_acc = accuracy(predict(model, bundle.x_test.to(device), data_cfg.eval_batch_size), bundle.y_test.to(device))
+    test_acc = accuracy(predict(model, bundle.teacher_x("test").to(device), data_cfg.eval_batch_size),
+                        bundle.y_test.to(device))
     meta = {"teacher_test_acc": test_acc, "teacher_val_acc": res.history[-1]["val_acc"], "recipe_key": key,
             "num_classes": bundle.num_classes}
     save_model(path, model.cpu(), cfg.teacher.model, bundle.num_classes, meta)

@@ -23,6 +23,11 @@ Built-in models (registered when this package is imported, from :mod:`kdray.mode
   (hook its input for the pre-activation). Input ``(B, 3, 32, 32)``.
 - ``hf_sequence_classifier``: wraps ``AutoModelForSequenceClassification``; the inner model's
   paths are reachable under ``model.`` (needs the optional ``transformers`` dependency).
+- ``hf_causal_lm``: wraps ``AutoModelForCausalLM`` as a multiple-choice classifier (the answer tokens' logits
+  after each prompt, :mod:`kdray.models.hf_lm`); decoder blocks are ``model.model.layers.N``.
+
+:func:`loads_weights` tells whether a spec's model comes with trained weights of its own (a Hugging Face folder),
+and so is a teacher without a checkpoint or recipe.
 """
 from __future__ import annotations
 
@@ -39,13 +44,14 @@ from kdray.config import ModelSpec, config_error_from
 from kdray.errors import ConfigError
 # importing the built-in models registers them
 from kdray.models.hf import HF_INSTALL_HINT, HFSequenceClassifier, hf_sequence_classifier
+from kdray.models.hf_lm import HFCausalLM, hf_causal_lm
 from kdray.models.mnist1d import MNIST1DCNN, MNIST1DMLP
 from kdray.models.registry import MODELS, PosInt
 from kdray.models.resnet import BasicBlock, CifarResNet
 
 __all__ = [
     "MODELS", "PosInt", "build_model", "check_model_spec", "count_parameters", "resolve_factory",
-    "MNIST1DCNN", "MNIST1DMLP", "CifarResNet", "BasicBlock", "HFSequenceClassifier",
+    "MNIST1DCNN", "MNIST1DMLP", "CifarResNet", "BasicBlock", "HFSequenceClassifier", "HFCausalLM", "loads_weights",
 ]
 
 
@@ -139,10 +145,17 @@ def check_model_spec(spec: ModelSpec, field: str) -> None:
     ``<field>.name`` or ``<field>.kwargs.<key>``.
     """
     factory = resolve_factory(spec.name, field)
-    if spec.name == "hf_sequence_classifier" or factory is hf_sequence_classifier:
+    if factory in (hf_sequence_classifier, hf_causal_lm):
         if importlib.util.find_spec("transformers") is None:
             raise ConfigError(f"{field}.name", spec.name, HF_INSTALL_HINT)
     _check_kwargs(factory, spec.kwargs, field)
+
+
+def loads_weights(spec: ModelSpec) -> bool:
+    """Whether the model of ``spec`` loads trained weights of its own (its factory's ``loads_weights(kwargs)``)."""
+    factory = resolve_factory(spec.name)
+    check = getattr(factory, "loads_weights", None)
+    return bool(check(spec.kwargs)) if callable(check) else False
 
 
 def build_model(spec: ModelSpec, num_classes: int, field: str = "model") -> nn.Module:

@@ -1,38 +1,96 @@
 """Hugging Face: ``hf_sequence_classifier`` wraps ``AutoModelForSequenceClassification`` (needs the optional
-``transformers`` package); the inner model's paths are reachable under ``model.``."""
+``transformers`` package); the inner model's paths are reachable under ``model.``. The language-model wrapper
+``hf_causal_lm`` is :mod:`kdray.models.hf_lm`; the helpers both share are here.
+
+A factory that loads trained weights of its own (from a fine-tuned folder or hub name) says so through its
+``loads_weights(kwargs)`` attribute: such a model is a teacher as it is, with neither ``teacher.checkpoint`` nor
+``teacher.recipe``, and its ``weights_fingerprint()`` keys the teacher cache by the folder's files (hashed once,
+see :mod:`kdray.core.fingerprint`) instead of hashing every weight on every run."""
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from kdray.config import stable_hash
+from kdray.core.fingerprint import folder_fingerprint
+from kdray.core.text import token_mask
 from kdray.errors import ConfigError
 from kdray.models.registry import MODELS
 
 HF_INSTALL_HINT = "pip install 'kdray[hf]' (needs the optional transformers package)"
 
 
-def _import_transformers():
+def import_transformers(name: str = "hf_sequence_classifier"):
     try:
         import transformers
     except ImportError:
-        raise ConfigError("model.name", "hf_sequence_classifier", HF_INSTALL_HINT) from None
+        raise ConfigError("model.name", name, HF_INSTALL_HINT) from None
     return transformers
 
 
-class HFSequenceClassifier(nn.Module):
-    """``forward(input_ids)`` -> logits; the attention mask marks positions != ``pad_token_id``."""
+def loads_own_weights(kwargs: dict) -> bool:
+    """A Hugging Face factory loads trained weights unless ``config_only`` builds it from its config."""
+    return not kwargs.get("config_only", False)
 
-    def __init__(self, model: nn.Module, pad_token_id: int = 0):
+
+def local_fingerprint(path: str, *extra: object) -> Optional[str]:
+    """The fingerprint of a local model folder (with ``extra`` facts that change the outputs, e.g. the dtype);
+    None for a hub name (the teacher cache then hashes the weights)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    return stable_hash([folder_fingerprint(folder), *map(str, extra)])
+
+
+def load_pretrained(auto_class: Any, path: str, config_only: bool, **kwargs: Any) -> nn.Module:
+    """``auto_class.from_pretrained(path)``, or a random model from the folder's config; a folder or name that
+    does not load is a ConfigError on ``kwargs.path``."""
+    tf = import_transformers()
+    try:
+        if config_only:
+            dtype = kwargs.pop("dtype", None)
+            model = auto_class.from_config(tf.AutoConfig.from_pretrained(path, **kwargs))
+            return model.to(dtype) if dtype is not None else model
+        return auto_class.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError("kwargs.path", path, f"a model folder or hub name transformers can load ({e})") from None
+
+
+class FolderWeights(nn.Module):
+    """A wrapped Hugging Face model whose weights are those of its folder until something else is loaded into it
+    or it is trained (then :meth:`forget_fingerprint`): :meth:`weights_fingerprint` is the folder's, or None."""
+
+    _fingerprint: Optional[str] = None
+
+    def weights_fingerprint(self) -> Optional[str]:
+        return self._fingerprint
+
+    def forget_fingerprint(self) -> None:
+        self._fingerprint = None
+
+    def load_state_dict(self, *args: Any, **kwargs: Any):
+        self.forget_fingerprint()
+        return super().load_state_dict(*args, **kwargs)
+
+
+class HFSequenceClassifier(FolderWeights):
+    """``forward(input_ids)`` -> logits; the attention mask marks real tokens: not kdray's padding (-1) and not
+    ``pad_token_id``."""
+
+    def __init__(self, model: nn.Module, pad_token_id: int = 0, fingerprint: Optional[str] = None):
         super().__init__()
         self.model = model
         self.pad_token_id = int(pad_token_id)
+        self._fingerprint = fingerprint
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         input_ids = input_ids.long()
-        attention_mask = (input_ids != self.pad_token_id).long()
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        mask = token_mask(input_ids, self.pad_token_id)
+        ids = torch.where(mask, input_ids, torch.full_like(input_ids, self.pad_token_id))
+        return self.model(input_ids=ids, attention_mask=mask.long()).logits
 
 
 @MODELS.register("hf_sequence_classifier")
@@ -43,16 +101,13 @@ def hf_sequence_classifier(num_classes: int, *, path: str, config_only: bool = F
     ``config_only`` builds a randomly initialised model from the folder's config. ``pad_token_id``
     defaults to the model config's pad token id, or 0 when it has none.
     """
-    tf = _import_transformers()
-    try:
-        if config_only:
-            config = tf.AutoConfig.from_pretrained(path, num_labels=num_classes)
-            model = tf.AutoModelForSequenceClassification.from_config(config)
-        else:
-            model = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_classes)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError("kwargs.path", path, f"a model folder or hub name transformers can load ({e})") from None
+    tf = import_transformers()
+    model = load_pretrained(tf.AutoModelForSequenceClassification, path, config_only, num_labels=num_classes)
     if pad_token_id is None:
         pad_token_id = getattr(model.config, "pad_token_id", None)
         pad_token_id = 0 if pad_token_id is None else pad_token_id
-    return HFSequenceClassifier(model, pad_token_id)
+    fingerprint = None if config_only else local_fingerprint(path, num_classes, pad_token_id)
+    return HFSequenceClassifier(model, pad_token_id, fingerprint)
+
+
+hf_sequence_classifier.loads_weights = loads_own_weights  # type: ignore[attr-defined]

@@ -258,6 +258,36 @@ def generations_plot(test_accs: list[float], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def depth_order(layer: str) -> list:
+    """A sort key reading the numbers in a module path as numbers (``layers.10`` after ``layers.9``)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", layer)]
+
+
+def probe_layers_plot(probes: list[dict], teacher_acc: Optional[float], path: str | Path, title: str = "") -> Path:
+    """Where the answer lives: each probe's validation accuracy by teacher layer, in depth order, with the teacher's
+    own (answer-token) accuracy on the same examples as a line."""
+    probes = sorted(probes, key=lambda p: depth_order(p["layer"]))
+    fig = _figure(max(5.5, 0.28 * len(probes) + 2), 3.8)
+    ax = fig.add_subplot()
+    xs = list(range(len(probes)))
+    ax.plot(xs, [p["val_acc"] for p in probes], marker="o", color="tab:blue", label="probe val acc")
+    if any("train_acc" in p for p in probes):
+        ax.plot(xs, [p.get("train_acc", np.nan) for p in probes], marker=".", ls=":", color="tab:gray",
+                label="probe train acc")
+    if teacher_acc is not None:
+        ax.axhline(teacher_acc, color="tab:red", ls="--", label=f"teacher's own output ({teacher_acc:.3f})")
+    ticks = [re.sub(r"^.*?(\d+)$", r"\1", p["layer"]) if re.search(r"\d+$", p["layer"]) else p["layer"]
+             for p in probes]
+    ax.set_xticks(xs, ticks, rotation=90 if len(xs) > 12 else 0, fontsize=7)
+    ax.set_xlabel("teacher layer (depth order)")
+    ax.set_ylabel("validation accuracy")
+    pooling = probes[0]["pooling"] if probes else ""
+    ax.set_title(title or f"probe accuracy by layer ({pooling} pooling)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    return _save(fig, path)
+
+
 def search_plots(df: pd.DataFrame, metric: str, mode: str, out_dir: str | Path,
                  objectives: Optional[list[tuple[str, str]]] = None) -> list[Path]:
     """All summary plots of a search into ``out_dir`` (with ``objectives`` [(metric, mode), ...] beyond the

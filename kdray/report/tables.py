@@ -52,6 +52,18 @@ def layers_table(infos: Iterable[Any], probe_acc: dict[str, float] | None = None
     return table(rows, head)
 
 
+def probe_layers_table(found: Any) -> str:
+    """A probe per teacher layer in depth order (:class:`kdray.experiment.run.ProbeLayers`): its dimension and
+    accuracies, the teacher's own validation accuracy beside each, and the best layer marked."""
+    best = found.best["layer"] if found.best else None
+    teacher = fmt(found.teacher_val_acc) if found.teacher_val_acc is not None else "-"
+    rows = [[i, p["layer"], p["dim"], fmt(p["train_acc"]), fmt(p["val_acc"]), teacher, "best" if p["layer"] == best else ""]
+            for i, p in enumerate(found.probes)]
+    head = ["depth", "teacher layer", "dim", "probe train acc", f"probe val acc ({found.pooling})",
+            "teacher's own val acc", ""]
+    return table(rows, head)
+
+
 METHOD_COLUMNS = ["method", "kind", "reads", "layers", "reference weight", "T", "paper", "notes"]
 
 

@@ -25,6 +25,7 @@ import pandas as pd
 from kdray import paths
 from kdray.config import config_error_from
 from kdray.core.cache import get_cache
+from kdray.core.train import resolve_device
 from kdray.errors import ConfigError, KdrayError
 from kdray.experiment.run import cache_info, cache_request, prepare
 from kdray.experiment.space import SearchSettings, SearchSpace, check_space, choice_combinations, load_space
@@ -186,7 +187,9 @@ def start_tracking(plan: SearchPlan, opts: SearchOptions, prep: Any) -> Any:
     plan.tracker.start(plan.exp_path, resume=opts.resume, settings=plan.settings.model_dump(mode="json"),
                        space_path=plan.space_path, ray_address=opts.address, teacher_info=prep.teacher_info,
                        num_classes=prep.bundle.num_classes,
-                       probes=prep.cache.manifest.get("probes", []) if prep.cache is not None else [])
+                       probes=prep.cache.manifest.get("probes", []) if prep.cache is not None else [],
+                       teacher_val_acc=(prep.cache.manifest.get("teacher_accuracy", {}).get("val")
+                                        if prep.cache is not None else None))
     return MlflowSearchCallback(plan.tracker)
 
 
@@ -241,13 +244,15 @@ def search_cache(corners: list, prep: Any) -> Any:
             log.info("teacher signal: live in every trial (inputs are augmented, so cached outputs would not match)")
         return None
     b = prep.bundle
-    req = cache_request(corners, prep, b.x_train[: cfg.data.batch_size])
+    req = cache_request(corners, prep, b.teacher_x("train")[: cfg.data.batch_size])
     if req is None:
         return None
     cache = get_cache(prep.teacher, b, req, cache_root=cfg.cache_dir, info=cache_info(cfg),
-                      batch_size=cfg.data.eval_batch_size)
+                      batch_size=cfg.data.eval_batch_size, device=resolve_device("auto"))
     for r in cache.manifest.get("probes", []):
         log.info("probe on %s (%s pooling): val acc %.3f", r["layer"], r["pooling"], r["val_acc"])
+    if "test" in cache.manifest.get("teacher_accuracy", {}):  # measured by the one teacher pass
+        prep.teacher_info.setdefault("teacher_test_acc", cache.manifest["teacher_accuracy"]["test"])
     return cache
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from kdray import __version__, paths
+from kdray.report.plots import probe_layers_plot
 from kdray.redact import mask
 from kdray.tracking.client import (_KEY_OK, ERROR_TAG, PARENT_ID_FILE, ROLE_TAG, SEARCH_PATH_TAG, STATUS_TAG, _chunks,
                                    _local_sqlite_dir, _params, active_experiment, flatten, git_commit, quote)
@@ -73,7 +75,8 @@ class ParentRun:
         self.ended = run.info.status != "RUNNING"
 
     def start(self, exp_path: str, *, resume: bool, settings: dict, space_path: str | Path,
-              ray_address: Optional[str], probes: list[dict] = ()) -> tuple[str, bool]:
+              ray_address: Optional[str], probes: list[dict] = (), teacher_val_acc: Optional[float] = None
+              ) -> tuple[str, bool]:
         """(the parent run id, whether it is an earlier one reopened): the experiment found or created, the
         parent reopened on ``resume`` (when found) or created, its id written beside the search's results."""
         s = self.store
@@ -90,7 +93,7 @@ class ParentRun:
             s.parent_run_id = self._create(exp_path, settings, space_path, ray_address)
             log.info("MLflow: parent run %s in experiment %r (%s)", s.parent_run_id, s.experiment, mask(s.uri))
         paths.write_text(id_file, s.parent_run_id + "\n")
-        self._log_probes(probes)
+        self._log_probes(probes, teacher_val_acc)
         return s.parent_run_id, parent is not None
 
     def _experiment_id(self) -> str:
@@ -162,16 +165,25 @@ class ParentRun:
         c.log_text(run_id, yaml.safe_dump(s.base_raw, sort_keys=False), "config/base.yaml")
         c.log_text(run_id, yaml.safe_dump(settings, sort_keys=False), "config/search_settings.yaml")
 
-    def _log_probes(self, probes: list[dict]) -> None:
-        """The probes fitted up-front on the candidate layers, as metrics ``probe_val_acc.<layer>.<pooling>``."""
+    def _log_probes(self, probes: list[dict], teacher_val_acc: Optional[float] = None) -> None:
+        """The probes fitted up-front on the candidate layers, as metrics ``probe_val_acc.<layer>.<pooling>`` (and
+        ``teacher_val_acc``, the teacher's own), and the plot of both by layer (``probes/<pooling>.png``)."""
         if not probes:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.store.client.log_batch(self.store.parent_run_id, metrics=[
-            Metric(_KEY_OK.sub("_", f"probe_val_acc.{p['layer']}.{p['pooling']}"), float(p["val_acc"]), now, 0)
-            for p in probes if math.isfinite(p["val_acc"])])
+        metrics = [Metric(_KEY_OK.sub("_", f"probe_val_acc.{p['layer']}.{p['pooling']}"), float(p["val_acc"]), now, 0)
+                   for p in probes if math.isfinite(p["val_acc"])]
+        if teacher_val_acc is not None:
+            metrics.append(Metric("teacher_val_acc", float(teacher_val_acc), now, 0))
+        self.store.client.log_batch(self.store.parent_run_id, metrics=metrics)
+        with tempfile.TemporaryDirectory() as d:
+            for pooling in sorted({p["pooling"] for p in probes}):
+                same = [p for p in probes if p["pooling"] == pooling]
+                if len(same) > 1:
+                    png = probe_layers_plot(same, teacher_val_acc, Path(d) / f"{pooling}.png")
+                    self.store.client.log_artifact(self.store.parent_run_id, str(png), "probes")
 
     def end(self, status: str, error: Optional[str] = None) -> None:
         """End the parent run FINISHED, FAILED or KILLED (with ``error`` as tag ``kdray.error``), once."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional
@@ -85,6 +86,16 @@ def describe_terms(cfg: Any) -> dict[str, str]:
 # MLflow
 
 
+def token_signature(out: np.ndarray) -> Any:
+    """The signature of a student reading token ids: (batch, tokens) int64 of any length (kdray pads with -1) to
+    (batch, choices) float32."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(Schema([TensorSpec(np.dtype("int64"), (-1, -1), "input_ids")]),
+                          Schema([TensorSpec(np.dtype(out.dtype), (-1, out.shape[1]), "logits")]))
+
+
 def log_student(model: nn.Module, example: np.ndarray, run_id: str, uri: str) -> tuple[Any, str]:
     """Log ``model`` as an MLflow PyTorch model in run ``run_id``; (ModelInfo, serialization format)."""
     import mlflow
@@ -94,15 +105,21 @@ def log_student(model: nn.Module, example: np.ndarray, run_id: str, uri: str) ->
     model = model.eval()
     with torch.no_grad():
         out = model(torch.as_tensor(example)).numpy()
-    signature = infer_signature(example, out)
+    tokens = example.ndim == 2 and np.issubdtype(example.dtype, np.integer)
+    signature = token_signature(out) if tokens else infer_signature(example, out)
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"]
+    if tokens and "transformers" in sys.modules:
+        reqs.append(f"transformers=={sys.modules['transformers'].__version__}")
     with use_tracking_uri(uri):
         try:
+            if tokens:  # torch.export would fix the sequence length of the example
+                raise ValueError("token ids of any length: logged with pickle")
             info = mlflow.pytorch.log_model(model, name=MODEL_NAME, run_id=run_id, signature=signature,
                                             input_example=example, pip_requirements=reqs, serialization_format="pt2")
             return info, "pt2"
         except Exception as e:  # noqa: BLE001 - torch.export cannot trace every model
-            log.warning("torch.export of the student failed (%s); logging it with pickle instead", first_line(e, 200))
+            log.log(logging.INFO if tokens else logging.WARNING, "torch.export of the student not used (%s); logging "
+                    "it with pickle instead", first_line(e, 200))
         import kdray
 
         info = mlflow.pytorch.log_model(model, name=MODEL_NAME, run_id=run_id, signature=signature,

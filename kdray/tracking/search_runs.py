@@ -77,15 +77,17 @@ class SearchTracker:
     # ---- the parent run
 
     def start(self, exp_path: str, *, resume: bool, settings: dict, space_path: str | Path,
-              ray_address: Optional[str], teacher_info: dict, num_classes: int, probes: list[dict] = ()) -> str:
+              ray_address: Optional[str], teacher_info: dict, num_classes: int, probes: list[dict] = (),
+              teacher_val_acc: Optional[float] = None) -> str:
         """Find or create the experiment and the parent run (reused on resume); returns its id.
 
         ``probes`` (the probes fitted up-front on the candidate layers) go on the parent run as metrics
-        ``probe_val_acc.<layer>.<pooling>``."""
+        ``probe_val_acc.<layer>.<pooling>``, with ``teacher_val_acc`` (the teacher's own accuracy on the same
+        examples) and the plot of both by layer."""
         self.store.num_classes = num_classes
         self.store.teacher = self.store.teacher_label(teacher_info)
         run_id, reopened = self.parent.start(exp_path, resume=resume, settings=settings, space_path=space_path,
-                                             ray_address=ray_address, probes=probes)
+                                             ray_address=ray_address, probes=probes, teacher_val_acc=teacher_val_acc)
         if reopened:
             self.trials.load()
         return run_id

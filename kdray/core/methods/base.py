@@ -180,7 +180,8 @@ class Method(nn.Module):
     """Base of all distillation terms; subclasses set the traits and ``forward`` (which calls a pure loss).
 
     Derived traits (set for every subclass from ``reads``): ``uses_teacher_logits``, ``uses_probes``,
-    ``needs_teacher`` (reads anything of a teacher).
+    ``needs_teacher`` (reads anything of a teacher); ``position_aligned`` (compares teacher and student features
+    position by position, so both must read the same inputs: by default every ``feature`` method).
     """
 
     name: ClassVar[str] = ""  # set by METHODS.register
@@ -195,9 +196,12 @@ class Method(nn.Module):
     uses_teacher_logits: ClassVar[bool] = True
     uses_probes: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = True
+    position_aligned: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
+        if "position_aligned" not in cls.__dict__:
+            cls.position_aligned = cls.kind == "feature"
         cls.uses_teacher_logits = TEACHER_LOGITS in cls.reads
         cls.uses_probes = PROBES in cls.reads
         cls.needs_teacher = bool(cls.reads & TEACHER_SIGNALS)

@@ -9,6 +9,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdray.config import Strict
+from kdray.core.probes import POOLINGS
 from kdray.core.methods.base import METHODS, PROBES, TEACHER_LOGITS, Method, Signals, feature, kd_loss, kl_rows, need
 
 
@@ -40,7 +41,7 @@ class ProbeKD(Method):
 
     class Options(Strict):
         # how the layer output becomes a vector
-        pooling: Literal["mean", "max", "flatten", "first", "seq_mean"] = "mean"
+        pooling: Literal[POOLINGS] = "mean"  # type: ignore[valid-type]
         l2: float = Field(1e-3, gt=0)  # L2 penalty of the (multinomial logistic) probe
         max_iter: int = Field(100, ge=1)  # optimizer iterations when fitting the probe
 

@@ -1,0 +1,102 @@
+"""Token-id inputs and multiple-choice prompts, shared by the data sets that make them and the models that read them.
+
+* Padding: kdray pads token-id tensors with :data:`PAD` (-1), a value no tokenizer uses, so a model wrapper knows
+  every real token whatever the tokenizer's own pad token is (:func:`token_mask`). Rows are padded on the right;
+  a decoder-only wrapper re-lays them out on the left (:func:`left_align`), so position -1 is the last real token.
+* Multiple choice: choices are lettered ``A, B, C ...`` (:data:`CHOICE_LETTERS`) and a prompt ends with
+  :data:`ANSWER_CUE`; the answer token of letter ``L`` is the one token that follows the cue when ``" L"`` (or
+  ``"L"``) is appended (:func:`answer_token_ids`).
+* :func:`length_batches` groups rows of similar length so a batch wastes little on padding.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+PAD = -1
+CHOICE_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+ANSWER_CUE = "Answer:"
+
+
+def is_token_ids(x: torch.Tensor) -> bool:
+    """A (N, T) integer tensor: token ids (padded with :data:`PAD` by kdray's text data sets)."""
+    return x.dim() == 2 and not torch.is_floating_point(x) and x.dtype != torch.bool
+
+
+def pad_rows(rows: Sequence[Sequence[int]], length: Optional[int] = None) -> torch.Tensor:
+    """Token-id rows as one (N, T) long tensor padded on the right with :data:`PAD`; T is the longest row."""
+    t = max((len(r) for r in rows), default=1) if length is None else length
+    out = torch.full((len(rows), max(t, 1)), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.as_tensor(list(r)[:t], dtype=torch.long)
+    return out
+
+
+def token_mask(ids: torch.Tensor, pad_token_id: Optional[int] = None) -> torch.Tensor:
+    """True at real tokens: not :data:`PAD` (and not ``pad_token_id`` when given, for data padded with it)."""
+    mask = ids >= 0
+    if pad_token_id is not None:
+        mask &= ids != pad_token_id
+    return mask
+
+
+def left_align(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's padding to the left (order of the real tokens kept): ``(ids, mask)`` laid out so the last
+    position of every row is its last real token."""
+    n_pad = (~mask).sum(1, keepdim=True)
+    cols = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    src = (cols - n_pad) % ids.shape[1]
+    return ids.gather(1, src), mask.gather(1, src)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counted over the real tokens only (as ``generate`` does for left-padded batches), so a padded
+    row is computed exactly as the same prompt alone."""
+    return (mask.long().cumsum(1) - 1).clamp_min(0)
+
+
+def length_batches(x: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(row indices, rows)`` batches over ``x``. Token ids are sorted by length (longest first, so memory peaks
+    at once) and each batch is cut to its longest row; other inputs come in order."""
+    if not is_token_ids(x) or len(x) == 0:
+        for i in range(0, len(x), batch_size):
+            yield torch.arange(i, min(i + batch_size, len(x))), x[i:i + batch_size]
+        return
+    lengths = (x >= 0).sum(1)
+    order = torch.sort(lengths, descending=True, stable=True).indices
+    for i in range(0, len(x), batch_size):
+        idx = order[i:i + batch_size]
+        yield idx, x[idx, :max(int(lengths[idx].max()), 1)]
+
+
+# --------------------------------------------------------------------------------------------------
+# answer tokens
+
+
+def single_token_after(tokenizer: Any, prefix: str, piece: str) -> Optional[int]:
+    """The id of ``piece`` when it is exactly one token following ``prefix`` (tokenised together), else None."""
+    base = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prefix + piece, add_special_tokens=False)["input_ids"]
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if len(full) == len(base) + 1 and full[:len(base)] == base and full[-1] != unknown:
+        return int(full[-1])
+    return None
+
+
+def answer_token_ids(tokenizer: Any, num_choices: int, cue: str = ANSWER_CUE) -> list[int]:
+    """The token id of each choice letter as it follows ``cue``: ``" A"`` where that is one token (byte-level BPE
+    tokenizers), else ``"A"``. Raises ValueError naming a letter that is neither."""
+    ids = []
+    for letter in CHOICE_LETTERS[:num_choices]:
+        tid = single_token_after(tokenizer, cue, " " + letter)
+        if tid is None:
+            tid = single_token_after(tokenizer, cue, letter)
+        if tid is None:
+            pieces = tokenizer.convert_ids_to_tokens(tokenizer(cue + " " + letter, add_special_tokens=False)["input_ids"])
+            raise ValueError(f"choice label {letter!r} is not one token after {cue!r} for this tokenizer (it reads "
+                             f"{pieces}): give answer_tokens, {num_choices} strings that are each one token, or ids")
+        ids.append(tid)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the choice letters map to repeated token ids {ids}: give answer_tokens")
+    return ids

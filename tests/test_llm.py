@@ -1,0 +1,407 @@
+"""Probe-KD from language-model teachers (issue 15), offline: tiny random decoder-only teachers (Qwen2 and Llama
+configs) with a byte-level BPE tokenizer, a tiny BERT student with a word-level tokenizer, and multiple-choice
+questions in the ARC, MMLU and AQuA-RAT layouts, all made by the tests (tests/helpers/llm.py)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from helpers import llm
+from helpers.mlflow_runs import predict_in_fresh_process
+from mlflow import MlflowClient
+
+from kdray.cli import main
+from kdray.config import DataConfig, ModelSpec
+from kdray.core.cache import CacheRequest, get_cache
+from kdray.core.hooks import FeatureHooks
+from kdray.core.probes import ProbeSpec, pool
+from kdray.core.text import PAD, answer_token_ids, pad_rows
+from kdray.data import make_bundle
+from kdray.errors import ConfigError
+from kdray.experiment.configs import parse_config
+from kdray.experiment.run import prepare
+from kdray.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Model folders and data folders a user of the paper's setting would have on disk."""
+    w = tmp_path_factory.mktemp("llm-world")
+    llm.save_causal_lm(w / "models" / "qwen", "qwen2")
+    llm.save_causal_lm(w / "models" / "llama", "llama", seed=1)
+    llm.save_bert(w / "models" / "bert")
+    llm.write_mc(w / "data" / "arc", "arc")
+    llm.write_mc(w / "data" / "mmlu", "mmlu", suffix=".parquet")
+    llm.write_mc(w / "data" / "aqua", "aqua")
+    return w
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_shutdown():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def config(world: Path, **changes) -> dict:
+    """Probe-KD from the Qwen2 teacher's layer 1 (last token) to a BERT student on its own tokens."""
+    raw = {"name": "mc", "seed": 0,
+           "data": {"name": "multiple_choice", "root": str(world / "data" / "arc"), "label_fraction": 0.25,
+                    "val_fraction": 0.2, "batch_size": 32, "eval_batch_size": 64,
+                    "params": {"format": "arc", "student_tokenizer": str(world / "models" / "bert"), "max_length": 128}},
+           "teacher": {"model": {"name": "hf_causal_lm", "kwargs": {"path": str(world / "models" / "qwen")}}},
+           "student": {"name": "hf_sequence_classifier", "kwargs": {"path": str(world / "models" / "bert"),
+                                                                    "config_only": True}},
+           "distill": {"temperature": 2.0, "ce_weight": 0.5,
+                       "terms": [{"method": "probe_kd", "teacher_layers": ["model.model.layers.1"],
+                                  "options": {"pooling": "last"}}]},
+           "train": {"epochs": 1, "progress": False, "optimizer": {"lr": 0.001}}}
+    for path, value in changes.items():
+        *parents, last = path.split(".")
+        node = raw
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[last] = value
+    return raw
+
+
+def qwen(world: Path, k: int = 4):
+    return build_model(ModelSpec(name="hf_causal_lm", kwargs={"path": str(world / "models" / "qwen")}), k)
+
+
+# --------------------------------------------------------------------------------------------------
+# the model
+
+
+def test_answer_tokens_are_the_tokens_that_follow_the_cue(world):
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(world / "models" / "qwen")
+    ids = answer_token_ids(tok, 4)
+    # byte-level BPE: " A" after "Answer:" is one token, "ĠA", not the bare "A"
+    assert ids == tok.convert_tokens_to_ids(["ĠA", "ĠB", "ĠC", "ĠD"])
+    assert ids != tok.convert_tokens_to_ids(list("ABCD"))
+    assert qwen(world).answer_ids.tolist() == ids
+    prompt = tok("Question: What is 1 plus 1?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer: C")["input_ids"]
+    assert prompt[-1] == ids[2]
+    # a word-level tokenizer that never saw "E" has no answer token for a fifth choice: refused, naming the label
+    with pytest.raises(ConfigError, match="'E' is not one token") as e:
+        build_model(ModelSpec(name="hf_causal_lm", kwargs={"path": str(world / "models" / "qwen"),
+                                                          "tokenizer": str(world / "models" / "bert")}), 5, "teacher.model")
+    assert e.value.field == "teacher.model.kwargs.answer_tokens"
+    # answer_tokens overrides: ids, or strings that are one token each; a multi-token string is refused
+    spec = {"path": str(world / "models" / "qwen"), "answer_tokens": [ids[3], ids[2], ids[1], ids[0]]}
+    assert build_model(ModelSpec(name="hf_causal_lm", kwargs=spec), 4).answer_ids.tolist() == ids[::-1]
+    with pytest.raises(ConfigError, match="one token") as e:
+        build_model(ModelSpec(name="hf_causal_lm", kwargs={**spec, "answer_tokens": ["A", "B", "C", " plus seven"]}), 4,
+                    "teacher.model")
+    assert e.value.field == "teacher.model.kwargs.answer_tokens"
+
+
+@pytest.mark.parametrize("arch", ["qwen", "llama"])
+def test_padded_batches_compute_every_prompt_as_it_would_be_alone(world, arch):
+    """kdray pads on the right with -1; the wrapper lays the batch out on the left with position ids over the real
+    tokens, so `last` pooling of a block's output and the answer logits equal those of each prompt run alone."""
+    model = build_model(ModelSpec(name="hf_causal_lm", kwargs={"path": str(world / "models" / arch)}), 4).eval()
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(world / "models" / arch)
+    texts = ["Question: What is 3 plus 4?\nA. 7\nB. 8\nC. 9\nD. 6\nAnswer:", "Answer:",
+             "Question: What is 12 plus 19?\nA. 30\nB. 31\nC. 29\nD. 33\nAnswer:"]
+    rows = [tok(t)["input_ids"] for t in texts]
+    batch = pad_rows(rows)
+    assert (batch == PAD).any()
+    layer = "model.model.layers.1"
+    with torch.no_grad(), FeatureHooks(model, [layer]) as hooks:
+        logits = model(batch)
+        block = hooks.outputs[layer].clone()
+        pooled = pool(block, "last")
+        for i, r in enumerate(rows):
+            alone = model(torch.tensor([r]))
+            hidden = model.model(input_ids=torch.tensor([r]), output_hidden_states=True).hidden_states[2][0, -1]
+            torch.testing.assert_close(logits[i], alone[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(pooled[i], hidden, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(hooks.outputs[layer][0, -1], hidden, atol=1e-5, rtol=1e-4)
+    assert model.probe_layers() == [f"model.model.layers.{i}" for i in range(3)]
+
+
+# --------------------------------------------------------------------------------------------------
+# the data
+
+
+def bundle(world: Path, **params):
+    base = {"format": "arc", "teacher_tokenizer": str(world / "models" / "qwen")}
+    root = params.pop("root", world / "data" / "arc")
+    return make_bundle(DataConfig(name="multiple_choice", root=str(root), val_fraction=0.2, label_fraction=0.5,
+                                  params={**base, **params}))
+
+
+def test_the_three_benchmark_layouts_and_a_saved_dataset_read_the_same_questions(world, tmp_path):
+    import datasets
+    import transformers
+
+    arc = bundle(world)
+    mmlu = bundle(world, root=world / "data" / "mmlu", format="mmlu")
+    torch.testing.assert_close(arc.x_train, mmlu.x_train)  # the same questions, rendered alike
+    assert torch.equal(arc.y_test, mmlu.y_test) and arc.num_classes == 4 and not arc.two_views
+    aqua = bundle(world, root=world / "data" / "aqua", format="aqua")
+    assert torch.equal(aqua.y_test, arc.y_test)
+    # ARC's numeric labels ("1".."4") and a datasets save_to_disk folder
+    qs = llm.questions(40, 3)
+    datasets.DatasetDict({s: datasets.Dataset.from_list([llm.arc_row(q, numeric_labels=True) for q in qs])
+                          for s in ("train", "test")}).save_to_disk(tmp_path / "saved")
+    saved = bundle(world, root=tmp_path / "saved")
+    assert sorted(saved.y_test.tolist()) == sorted(q["answer"] for q in qs)
+    tok = transformers.AutoTokenizer.from_pretrained(world / "models" / "qwen")
+    text = tok.decode([t for t in saved.x_test[0].tolist() if t != PAD])
+    assert text.startswith("Question: What is") and "\nA. " in text and "\nD. " in text and text.endswith("Answer:")
+    # named fields
+    llm.write_jsonl(tmp_path / "fields" / "train.jsonl", [{"q": q["question"], "opts": q["choices"],
+                                                           "gold": q["choices"][q["answer"]]} for q in qs])
+    llm.write_jsonl(tmp_path / "fields" / "test.jsonl", [{"q": q["question"], "opts": q["choices"],
+                                                          "gold": q["answer"]} for q in qs])
+    fields = bundle(world, root=tmp_path / "fields", format="fields", question_field="q", choices_field="opts",
+                    answer_field="gold")
+    assert torch.equal(fields.x_test, saved.x_test) and torch.equal(fields.y_test, saved.y_test)
+
+
+def test_questions_with_another_number_of_choices_are_dropped_and_counted(world, tmp_path):
+    qs = llm.questions(60, 4) + llm.questions(7, 5, k=3)
+    for split in ("train", "test"):
+        llm.write_jsonl(tmp_path / f"{split}.jsonl", [llm.arc_row(q) for q in qs])
+    b = bundle(world, root=tmp_path)
+    assert b.meta["dropped"] == {"train": 7, "test": 7} and len(b.y_test) == 60
+
+
+def test_few_shot_prompts_use_labelled_training_questions_only(world):
+    import transformers
+
+    from kdray.data import _split_and_mask
+
+    b = bundle(world, few_shot=2)
+    tok = transformers.AutoTokenizer.from_pretrained(world / "models" / "qwen")
+    prompt = tok.decode([t for t in b.teacher_x("test")[0].tolist() if t != PAD])
+    assert prompt.count("Answer:") == 3 and prompt.endswith("Answer:") and b.two_views  # the student: zero-shot
+    assert tok.decode([t for t in b.x_test[0].tolist() if t != PAD]).count("Answer:") == 1
+    y = torch.tensor([q["answer"] for q in llm.questions(160, 0)])
+    train_idx, _, labelled = _split_and_mask(y, 4, 0.2, 0.5, 0)
+    assert len(b.meta["few_shot"]) == 2 and set(b.meta["few_shot"]) <= set(train_idx[labelled].tolist())
+
+
+def test_the_student_reads_its_own_view_and_the_teacher_its_prompt(world):
+    import transformers
+
+    b = bundle(world, student_tokenizer=str(world / "models" / "bert"))
+    assert b.two_views and b.teacher_x("train").shape[0] == b.x_train.shape[0]
+    bert = transformers.AutoTokenizer.from_pretrained(world / "models" / "bert")
+    qtok = transformers.AutoTokenizer.from_pretrained(world / "models" / "qwen")
+    s = bert.convert_ids_to_tokens([t for t in b.x_test[0].tolist() if t != PAD])
+    assert s[0] == "[CLS]" and s[-1] == "[SEP]"
+    assert qtok.decode([t for t in b.teacher_x("test")[0].tolist() if t != PAD]).endswith("Answer:")
+    # feature methods compare positions: refused across views; pooled methods are not
+    cfg = parse_config(config(world, **{"distill.terms": [{"method": "fitnet", "teacher_layers": ["model.model.layers.1"],
+                                                           "student_layers": ["model.bert.encoder.layer.1"]}]}))
+    from kdray.experiment.preflight import check_experiment
+
+    with pytest.raises(ConfigError, match="different token sequences") as e:
+        check_experiment(cfg)
+    assert e.value.field == "distill.terms[0].method" and "probe_kd" in e.value.allowed
+    check_experiment(parse_config(config(world, **{"distill.terms": [{"method": "rkd",
+                                                                      "teacher_layers": ["model.model.layers.1"],
+                                                                      "student_layers": ["model.bert.pooler"]}]})))
+
+
+# --------------------------------------------------------------------------------------------------
+# the teacher pass and the cache
+
+
+def test_one_teacher_pass_stores_every_layer_and_the_answer_logits(world, tmp_path):
+    cfg = parse_config(config(world, cache_dir=str(tmp_path)))
+    prep = prepare(cfg)
+    calls = []
+    prep.teacher.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape))
+    layers = [f"model.model.layers.{i}" for i in range(3)]
+    req = CacheRequest((), tuple(ProbeSpec(p, "last", 1e-3, 100) for p in layers), pooled_dtype="float16")
+    cache = get_cache(prep.teacher, prep.bundle, req, cache_root=str(tmp_path), batch_size=16)
+    b = prep.bundle
+    n = len(b.x_train) + len(b.x_val) + len(b.x_test)
+    assert len(calls) == sum(-(-len(b.teacher_x(s)) // 16) for s in ("train", "val", "test"))  # once per batch
+    assert sum(c[0] for c in calls) == n  # every example once, for all three layers
+    assert max(c[1] for c in calls) <= b.teacher_x("train").shape[1]  # batches cut to their longest prompt
+    for p in layers:
+        assert cache.arrays["train"][f"pool/{p}/last"].dtype == np.float16
+    assert cache.arrays["test"]["logits"].shape == (len(b.y_test), 4)
+    # the cached logits are the teacher's answer-token logits of each example, in example order
+    with torch.no_grad():
+        direct = prep.teacher(b.teacher_x("test")[:5])
+    np.testing.assert_allclose(cache.arrays["test"]["logits"][:5], direct.numpy(), atol=1e-5, rtol=1e-4)
+    assert set(cache.manifest["teacher_accuracy"]) == {"train", "val", "test"}
+    # found again without a new pass, and the folder's fingerprint is remembered by path, size and mtime
+    calls.clear()
+    assert get_cache(prep.teacher, prep.bundle, req, cache_root=str(tmp_path), batch_size=16).hit and not calls
+    memo = json.loads((Path(os.environ["KDRAY_CACHE_DIR"]) / "fingerprints.json").read_text())
+    assert str((world / "models" / "qwen" / "model.safetensors").resolve()) in memo
+
+
+def test_a_changed_model_folder_gets_a_new_fingerprint(world, tmp_path):
+    import shutil
+
+    from kdray.core.cache import teacher_fingerprint
+
+    folder = tmp_path / "copy"
+    shutil.copytree(world / "models" / "qwen", folder)
+    spec = ModelSpec(name="hf_causal_lm", kwargs={"path": str(folder)})
+    first = teacher_fingerprint(build_model(spec, 4))
+    assert teacher_fingerprint(build_model(spec, 4)) == first
+    with open(folder / "config.json", "a") as f:
+        f.write("\n")
+    assert teacher_fingerprint(build_model(spec, 4)) != first
+    # loaded weights of another origin: the folder no longer names them
+    m = build_model(spec, 4)
+    m.load_state_dict(m.state_dict())
+    assert m.weights_fingerprint() is None
+
+
+# --------------------------------------------------------------------------------------------------
+# the command line
+
+
+def write(tmp_path: Path, raw: dict, name: str = "cfg.yaml") -> str:
+    (tmp_path / name).write_text(yaml.safe_dump(raw))
+    return str(tmp_path / name)
+
+
+def test_layers_probes_last_shows_where_the_answer_lives(world, tmp_path, capsys):
+    png = tmp_path / "probes.png"
+    assert main(["layers", write(tmp_path, config(world)), "--which", "teacher", "--probes", "last",
+                 "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("depth"):]
+    for i in range(3):
+        assert f"model.model.layers.{i}" in table
+    assert "teacher's own val acc" in table and "best" in table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("term", [{"method": "probe_kd", "teacher_layers": ["model.model.layers.2"],
+                                   "options": {"pooling": "last"}},
+                                  {"method": "kd"}], ids=["probe_kd", "answer_token_kd"])
+def test_train_distils_a_bert_student_on_its_own_tokens(world, tmp_path, term, capsys):
+    raw = config(world, **{"distill.terms": [term], "train.epochs": 2})
+    assert main(["train", write(tmp_path, raw), "--output-dir", str(tmp_path / "run"), "--json"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 <= summary["test_acc"] <= 1 and summary["teacher"]["teacher_classes"] == 4
+    assert "teacher_test_acc" in summary["teacher"]
+    if term["method"] == "probe_kd":
+        assert summary["probes"][0]["layer"] == "model.model.layers.2"
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"data.params.format": "mmlu"}, ["data.params.format", "look like format 'arc'"]),
+    ({"data.params.student_tokenizer": "no/such/tokenizer"}, ["data.params.student_tokenizer"]),
+    ({"data.params.num_choices": 5}, ["data.params.num_choices", "choices per question"]),
+    ({"teacher.model.kwargs.answer_tokens": ["A", "B", "C", " plus seven"]}, ["teacher.model.kwargs.answer_tokens"]),
+    ({"teacher.model": {"name": "mnist1d_cnn"}}, ["teacher.checkpoint", "no trained weights of its own"]),
+    ({"data.params.template": "{question} Answer:"}, ["data.params.template", "{choices}"]),
+], ids=["format", "tokenizer", "num_choices", "multi_token_answer", "no_teacher_weights", "template"])
+def test_bad_input_is_refused_before_any_work(world, tmp_path, changes, words, capsys):
+    cache = tmp_path / "cache"
+    raw = config(world, cache_dir=str(cache), **changes)
+    code = main(["train", write(tmp_path, raw), "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    message = [line for line in err.splitlines() if line.startswith("kdray: error:")]
+    assert len(message) == 1 and "Traceback" not in err, err[-2000:]
+    for w in words:
+        assert w in message[0], (w, message[0])
+    assert not (tmp_path / "run").exists() and not list((cache / "teacher_outputs").glob("*"))
+
+
+def test_an_answer_label_outside_the_choices_is_refused_naming_the_row(world, tmp_path, capsys):
+    rows = [llm.arc_row(q) for q in llm.questions(20, 0)]
+    rows[7]["answerKey"] = "E"
+    for split in ("train", "test"):
+        llm.write_jsonl(tmp_path / "bad" / f"{split}.jsonl", rows)
+    assert main(["train", write(tmp_path, config(world, **{"data.root": str(tmp_path / "bad")}))]) == 2
+    err = capsys.readouterr().err
+    assert "answerKey='E' in row 7" in err and "['A', 'B', 'C', 'D']" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------------
+# the shipped files on a stand-in of the paper's setting, a layer search, registered students
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    """The folders the shipped configs name, with tiny models and generated ARC questions (save_to_disk)."""
+    import datasets
+
+    w = tmp_path_factory.mktemp("stand-in")
+    llm.save_causal_lm(w / "models" / "Qwen2.5-1.5B-Instruct", "qwen2", layers=3)
+    llm.save_bert(w / "models" / "bert-small")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([llm.arc_row(q) for q in llm.questions(120, 0)]),
+                          "test": datasets.Dataset.from_list([llm.arc_row(q) for q in llm.questions(30, 1)])}
+                         ).save_to_disk(w / "data" / "ai2_arc" / "ARC-Challenge")
+    return w
+
+
+SMALL = ["--set", "train.epochs=1", "--set", "teacher.model.kwargs.dtype=float32", "--set", "data.batch_size=16",
+         "--set", "data.label_fraction=0.3"]
+
+
+@pytest.mark.parametrize("name", ["arc_qwen_probe_kd", "arc_qwen_answer_kd"])
+def test_shipped_configs_run_on_the_stand_in(stand_in, name, monkeypatch, capsys):
+    monkeypatch.chdir(stand_in)
+    argv = ["train", str(REPO / "configs" / f"{name}.yaml"), *SMALL, "--set", "distill.terms.0.teacher_layers=[model.model.layers.2]"
+            if name.endswith("probe_kd") else "distill.temperature=2.0", "--output-dir", f"runs/{name}", "--overwrite"]
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]
+    assert (stand_in / "runs" / name / "student.pt").is_file()
+
+
+def test_the_shipped_layer_search_registers_a_student_that_loads_from_models_uri(stand_in, monkeypatch, tmp_path):
+    monkeypatch.chdir(stand_in)
+    space = yaml.safe_load((REPO / "search_spaces" / "arc_qwen.yaml").read_text())
+    space["base"] = str(REPO / "configs" / "arc_qwen_probe_kd.yaml")
+    layers = [f"model.model.layers.{i}" for i in range(3)]
+    space["methods"]["probe_kd"][0]["teacher_layers"] = {"choice": layers}
+    space["params"] = {"train.epochs": 2, "data.batch_size": 16, "teacher.model.kwargs.dtype": "float32"}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["search", str(path), "--num-trials", "4", "--max-epochs", "2", "--storage-path", str(tmp_path / "res"),
+                 "--num-cpus", "2", "--tracking-uri", uri, "--no-baseline"]) == 0
+    c = MlflowClient(uri)
+    mv = c.get_model_version_by_alias("arc-qwen-student", "challenger")
+    parent = c.search_runs([c.get_experiment_by_name("arc-qwen").experiment_id], "tags.`kdray.role` = 'search'")[0]
+    assert {f"probe_val_acc.model.model.layers.{i}.last" for i in range(3)} <= set(parent.data.metrics)
+    assert "teacher_val_acc" in parent.data.metrics
+    assert [a.path for a in c.list_artifacts(parent.info.run_id, "probes")] == ["probes/last.png"]
+    # a fresh process loads the student from the registry and answers token ids of any length (padded with -1)
+    ids = np.full((3, 9), -1, dtype=np.int64)
+    ids[:, :5] = [[2, 10, 11, 12, 3]] * 3
+    y = predict_in_fresh_process("models:/arc-qwen-student@challenger", ids, uri, tmp_path)
+    assert y.shape == (3, 4) and np.isfinite(y).all() and int(mv.version) >= 1
+
+
+def test_a_causal_lm_student_answers_with_its_own_answer_tokens(world, tmp_path):
+    """An hf_causal_lm student (a small LM, trained from its config) distilled by Probe-KD; registered and loaded."""
+    raw = config(world, **{"student": {"name": "hf_causal_lm", "kwargs": {"path": str(world / "models" / "llama"),
+                                                                          "config_only": True}},
+                           "data.params": {"format": "arc", "max_length": 128}, "train.epochs": 2})
+    from kdray.experiment.run import run
+
+    cfg = parse_config(raw)
+    summary = run(cfg, output_dir=tmp_path / "run")
+    assert 0 <= summary.test_acc <= 1 and (tmp_path / "run" / "student.pt").is_file()
+    from kdray.experiment.teachers import load_model
+
+    student = load_model(tmp_path / "run" / "student.pt")
+    assert student.answer_ids.tolist() == qwen(world).answer_ids.tolist()  # the same BPE tokenizer's " A".." D"

@@ -372,12 +372,12 @@ def test_the_shipped_layer_search_registers_a_student_that_loads_from_models_uri
     space["base"] = str(REPO / "configs" / "arc_qwen_probe_kd.yaml")
     layers = [f"model.model.layers.{i}" for i in range(3)]
     space["methods"]["probe_kd"][0]["teacher_layers"] = {"choice": layers}
-    space["params"] = {"train.epochs": 2, "data.batch_size": 16, "teacher.model.kwargs.dtype": "float32"}
+    space["params"] = {"train.epochs": 2}  # the teacher as shipped: bfloat16
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert main(["search", str(path), "--num-trials", "4", "--max-epochs", "2", "--storage-path", str(tmp_path / "res"),
-                 "--num-cpus", "2", "--tracking-uri", uri, "--no-baseline"]) == 0
+                 "--num-cpus", "2", "--tracking-uri", uri, "--no-baseline", "--no-progress"]) == 0
     c = MlflowClient(uri)
     mv = c.get_model_version_by_alias("arc-qwen-student", "challenger")
     parent = c.search_runs([c.get_experiment_by_name("arc-qwen").experiment_id], "tags.`kdray.role` = 'search'")[0]

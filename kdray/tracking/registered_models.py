@@ -92,8 +92,8 @@ def token_signature(out: np.ndarray) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    return ModelSignature(Schema([TensorSpec(np.dtype("int64"), (-1, -1), "input_ids")]),
-                          Schema([TensorSpec(np.dtype(out.dtype), (-1, out.shape[1]), "logits")]))
+    return ModelSignature(Schema([TensorSpec(np.dtype("int64"), (-1, -1))]),
+                          Schema([TensorSpec(np.dtype(out.dtype), (-1, out.shape[1]))]))
 
 
 def log_student(model: nn.Module, example: np.ndarray, run_id: str, uri: str) -> tuple[Any, str]:

@@ -34,6 +34,12 @@ def first_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
+def inputs_for(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the device of ``model``'s parameters (a teacher shared between checks and a run may be on a GPU)."""
+    p = next(model.parameters(), None)
+    return x if p is None or x.device == p.device else x.to(p.device)
+
+
 def module_paths(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if name]
 
@@ -111,7 +117,7 @@ def list_layers(model: nn.Module, example: torch.Tensor, which: str = "model") -
     model.eval()
     try:
         with FeatureHooks(model, paths) as hooks:
-            model(example)
+            model(inputs_for(model, example))
     finally:
         model.train(was_training)
     modules = dict(model.named_modules())
@@ -133,7 +139,7 @@ def output_shapes(model: nn.Module, example: torch.Tensor, paths: Iterable[str],
     model.eval()
     try:
         with FeatureHooks(model, paths, field) as hooks:
-            model(example)
+            model(inputs_for(model, example))
     finally:
         model.train(was_training)
     missing = [p for p in paths if hooks.outputs.get(p) is None]

@@ -14,7 +14,7 @@ from torch import nn
 
 from kdray.config import ExperimentConfig
 from kdray.core.bundle import DataBundle
-from kdray.core.hooks import check_paths, output_shapes
+from kdray.core.hooks import check_paths, inputs_for, output_shapes
 from kdray.core.methods import LOGITS, METHODS
 from kdray.core.signals import probe_specs
 from kdray.core.train import Distiller
@@ -62,7 +62,7 @@ def check_forward(model: nn.Module, example: torch.Tensor, field: str, num_class
     was_training = model.training
     try:
         with torch.no_grad():
-            out = model.eval()(example[:2])
+            out = model.eval()(inputs_for(model, example[:2]))
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
         raise ConfigError(f"{field}.kwargs", f"inputs of shape {tuple(example.shape[1:])} from data set {data_name!r}",
                           f"a model whose forward accepts them (it failed: {first_line(e)}); set its kwargs (e.g. "
@@ -95,7 +95,7 @@ def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_cla
     teacher_classes = None
     if teacher is not None:
         with torch.no_grad():
-            teacher_classes = teacher.eval()(t_example[:2]).shape[1]
+            teacher_classes = teacher.eval()(inputs_for(teacher, t_example[:2])).shape[1]
     for i, term in enumerate(cfg.distill.terms):
         check_paths(student, term.student_layers, f"distill.terms[{i}].student_layers")
         if teacher is not None:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
-from kdray.config import DataConfig, DistillConfig, ExperimentConfig, ModelSpec, stable_hash
+from kdray.config import DataConfig, DistillConfig, ExperimentConfig, ModelSpec, TeacherConfig, stable_hash
 from kdray.core.checkpoint import CHECKPOINT_FORMAT, read_checkpoint, save_model
 from kdray.core.progress import epoch_bar
 from kdray.core.signals import TeacherEnsemble
@@ -64,11 +64,32 @@ def recipe_key(cfg: ExperimentConfig) -> str:
                         "data": data.model_dump(mode="json"), "seed": recipe.seed, "format": CHECKPOINT_FORMAT})
 
 
+_LOADED: dict[str, nn.Module] = {}  # the last teacher with weights of its own, by spec
+
+
+def own_weights_teacher(spec: ModelSpec, num_classes: int, field: str) -> nn.Module:
+    """A teacher that loads its own weights (a Hugging Face folder), loaded once per process for the up-front
+    checks and the run alike: a 15 GB teacher is read from disk once. Only the last one is kept."""
+    key = stable_hash([spec.model_dump(mode="json"), num_classes])
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = build_model(spec, num_classes, field)
+    return _LOADED[key]
+
+
+def teacher_architecture(t: TeacherConfig, num_classes: int, field: str) -> nn.Module:
+    """The model of teacher section ``t`` for checks of paths and shapes: fresh weights, unless it is a model with
+    weights of its own (then the one the run will use)."""
+    if t.checkpoint is None and t.recipe is None:
+        return own_weights_teacher(t.model, num_classes, field)
+    return build_model(t.model, num_classes, field)
+
+
 def get_teacher(cfg: ExperimentConfig, num_classes: int, *, make_bundle: Callable[[DataConfig], Any]) -> tuple[nn.Module, dict]:
     """The frozen teacher of ``cfg`` and facts about it (source, test accuracy when trained here)."""
     assert cfg.teacher is not None
     if cfg.teacher.checkpoint is None and cfg.teacher.recipe is None:  # its own weights (checked by preflight)
-        model = build_model(cfg.teacher.model, num_classes, "teacher.model")
+        model = own_weights_teacher(cfg.teacher.model, num_classes, "teacher.model")
         log.info("teacher: %s with its own weights (%s)", cfg.teacher.model.name,
                  cfg.teacher.model.kwargs.get("path", "from its factory"))
         return model, {"source": str(cfg.teacher.model.kwargs.get("path", cfg.teacher.model.name))}
@@ -131,10 +152,10 @@ def ensemble_architecture(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     """The teacher's (or the ensemble's) architecture with fresh weights: enough for layer paths and shapes."""
     assert cfg.teacher is not None
     if not cfg.extra_teachers:
-        return build_model(cfg.teacher.model, num_classes, "teacher.model")
+        return teacher_architecture(cfg.teacher, num_classes, "teacher.model")
     fields = ["teacher.model", *(f"extra_teachers[{i}].model" for i in range(len(cfg.extra_teachers)))]
     teachers = [cfg.teacher, *cfg.extra_teachers]
-    return TeacherEnsemble([build_model(t.model, num_classes, f) for t, f in zip(teachers, fields)],
+    return TeacherEnsemble([teacher_architecture(t, num_classes, f) for t, f in zip(teachers, fields)],
                            *ensemble_mix(cfg))
 
 

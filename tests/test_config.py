@@ -19,8 +19,10 @@ def bad(raw: dict) -> ConfigError:
     return info.value
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "configs").glob("*.yaml") if "qwen" not in p.name))
 def test_shipped_configs_are_valid(path):
+    """(The language-model configs name weights and data on the user's disk: tests/test_llm.py runs them on a
+    stand-in made of the same folders.)"""
     cfg = load_config(path)
     assert cfg.student.name
 
@@ -88,10 +90,11 @@ def test_all_weights_zero(tiny_raw):
     assert e.field == "distill" and "> 0" in e.allowed
 
 
-def test_teacher_needs_exactly_one_source(tiny_raw):
+def test_teacher_has_at_most_one_source(tiny_raw):
     tiny_raw["teacher"]["checkpoint"] = "teacher.pt"
     e = bad(tiny_raw)
-    assert e.field == "teacher" and "exactly one" in e.allowed
+    assert e.field == "teacher" and "at most one" in e.allowed
+    # neither is a model with weights of its own, or refused before any work (tests/test_llm.py)
 
 
 def test_terms_need_a_teacher(tiny_raw):

@@ -392,16 +392,34 @@ def test_the_shipped_layer_search_registers_a_student_that_loads_from_models_uri
 
 
 def test_a_causal_lm_student_answers_with_its_own_answer_tokens(world, tmp_path):
-    """An hf_causal_lm student (a small LM, trained from its config) distilled by Probe-KD; registered and loaded."""
+    """An hf_causal_lm student (a small LM trained from its config) distilled by Probe-KD, saved, logged to MLflow as
+    search registration logs students, and loaded from models:/NAME@alias in a fresh process."""
+    import mlflow
+
+    from kdray.experiment.run import run
+    from kdray.experiment.teachers import load_model
+    from kdray.tracking.registered_models import log_student
+
     raw = config(world, **{"student": {"name": "hf_causal_lm", "kwargs": {"path": str(world / "models" / "llama"),
                                                                           "config_only": True}},
                            "data.params": {"format": "arc", "max_length": 128}, "train.epochs": 2})
-    from kdray.experiment.run import run
-
     cfg = parse_config(raw)
     summary = run(cfg, output_dir=tmp_path / "run")
-    assert 0 <= summary.test_acc <= 1 and (tmp_path / "run" / "student.pt").is_file()
-    from kdray.experiment.teachers import load_model
-
-    student = load_model(tmp_path / "run" / "student.pt")
+    assert 0 <= summary.test_acc <= 1
+    student = load_model(tmp_path / "run" / "student.pt").eval()
     assert student.answer_ids.tolist() == qwen(world).answer_ids.tolist()  # the same BPE tokenizer's " A".." D"
+    x = make_bundle(cfg.data).x_test[:5].numpy()
+    with torch.no_grad():
+        expected = student(torch.from_numpy(x)).numpy()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    try:
+        run_id = mlflow.MlflowClient().create_run(mlflow.MlflowClient().create_experiment("lm")).info.run_id
+        info, serialization = log_student(student, x[:2], run_id, uri)
+        version = mlflow.register_model(info.model_uri, "lm-student")
+        mlflow.MlflowClient().set_registered_model_alias("lm-student", "challenger", version.version)
+    finally:
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    assert serialization == "pickle"  # token ids of any length: torch.export would fix the example's
+    y = predict_in_fresh_process("models:/lm-student@challenger", x, uri, tmp_path)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)

@@ -124,6 +124,16 @@ class TeacherCacheConfig(Strict):
     dtype: Literal["float32", "float16"] = "float32"  # of stored layer outputs (logits stay float32)
     # full layer outputs (all splits) above this many MB are stored in float16; still above it, not cached
     max_feature_mb: float = Field(2048.0, gt=0)
+    # Ray actors that run the teacher pass (kdray.search.teacher_pass): N, or "auto" (one per GPU of the
+    # cluster, else 1); 1 runs it in this process, as without Ray
+    workers: int | Literal["auto"] = 1
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError("a whole number of Ray actors (1 or more), or 'auto' (one per GPU of the cluster, else 1)")
+        return v
 
 
 class ExportConfig(Strict):

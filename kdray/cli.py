@@ -9,12 +9,13 @@ never load Ray or Optuna (tests/test_architecture.py checks it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from kdray import __version__
 from kdray.errors import ConfigError, KdrayError
@@ -149,6 +150,9 @@ def add_cache(sub: argparse._SubParsersAction) -> None:
         "ls": ("list entries: key, teacher, data, size, layers, probes", cmd_cache_ls),
         "rm": ("remove entries", cmd_cache_rm)})
     cmds["build"].add_argument("path", help="search space or experiment config (YAML)")
+    cmds["build"].add_argument("--address", help="Ray cluster whose workers run the teacher pass when "
+                                                 "teacher_cache.workers is above 1 (default: a local Ray)")
+    cmds["build"].add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     add_format(cmds["ls"])
     cmds["rm"].add_argument("keys", nargs="*", help="entry keys (see kdray cache ls)")
     cmds["rm"].add_argument("--all", action="store_true", help="remove every entry")
@@ -161,8 +165,10 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     from kdray.experiment.space import configs_of_file
     from kdray.search.driver import search_cache
 
+    check_cache_dir(args.cache_dir)
     cfgs = configs_of_file(args.path, args.cache_dir)
-    entry = search_cache(cfgs, prepare(cfgs[0]))  # one config, or every config a space's trials can draw
+    with ray_for_teacher_pass(cfgs[0].teacher_cache.workers, args.address, args.num_cpus):
+        entry = search_cache(cfgs, prepare(cfgs[0]))  # one config, or every config a space's trials can draw
     if entry is None:
         print("nothing to cache (no teacher, augmented inputs, the cache turned off, or over its budget)")
         return 0
@@ -172,6 +178,30 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     for r in m.get("probes", []):
         print(f"  probe {r['layer']} ({r['pooling']}): val acc {r['val_acc']:.4f}")
     return 0
+
+
+@contextlib.contextmanager
+def ray_for_teacher_pass(workers: int | str, address: str | None, num_cpus: int | None) -> Iterator[None]:
+    """Ray for ``kdray cache build`` when the teacher pass has more than one worker (or ``--address`` names a
+    cluster): connected, ``teacher_cache.workers`` checked against the cluster before any work, and shut down
+    (or disconnected) at the end. Without it, no Ray: the pass runs in this process."""
+    from kdray.search.teacher_pass import check_workers, local_workers
+
+    if num_cpus is not None and num_cpus < 1:
+        raise ConfigError("--num-cpus", num_cpus, "1 or more (CPUs of the local Ray)")
+    if address is None and local_workers(workers) <= 1:
+        yield
+        return
+    import ray
+
+    from kdray.search.ray_cluster import init_ray
+
+    init_ray(address, num_cpus)
+    try:
+        check_workers(workers)
+        yield
+    finally:
+        ray.shutdown()
 
 
 def cmd_cache_ls(args: argparse.Namespace) -> int:

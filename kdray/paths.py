@@ -9,23 +9,40 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from kdray.errors import ConfigError
+from kdray.errors import ConfigError, first_line
+
+
+def _configured_cache(override: str | None) -> tuple[str, str] | None:
+    """(value, field) of the cache location the user chose: ``cache_dir``, else ``$KDRAY_CACHE_DIR``; None: the
+    default."""
+    if override:
+        return override, "cache_dir"
+    if os.environ.get("KDRAY_CACHE_DIR"):
+        return os.environ["KDRAY_CACHE_DIR"], "KDRAY_CACHE_DIR"
+    return None
 
 
 def cache_dir(override: str | None = None) -> Path:
-    """``override``, else ``$KDRAY_CACHE_DIR``, else ``$XDG_CACHE_HOME/kdray`` (``~/.cache/kdray``)."""
-    if override:
-        root = Path(override)
-    elif os.environ.get("KDRAY_CACHE_DIR"):
-        root = Path(os.environ["KDRAY_CACHE_DIR"])
+    """The local cache folder (teachers, generated data, and teacher outputs unless :func:`cache_location` is a
+    URI): ``override``, else ``$KDRAY_CACHE_DIR``, else ``$XDG_CACHE_HOME/kdray`` (``~/.cache/kdray``). A storage
+    URI there holds teacher outputs only, so this falls back to the user cache folder."""
+    chosen = _configured_cache(override)
+    if chosen and not is_remote(chosen[0]):
+        root, field = Path(chosen[0]), chosen[1]
     else:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdray"
+        root, field = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdray", "XDG_CACHE_HOME"
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        field = "cache_dir" if override else "KDRAY_CACHE_DIR" if os.environ.get("KDRAY_CACHE_DIR") else "XDG_CACHE_HOME"
         raise ConfigError(field, str(root), f"a folder kdray can create and write to ({e.strerror})") from None
     return root
+
+
+def cache_location(override: str | None = None) -> str | Path:
+    """Where teacher outputs are cached: a storage URI given as ``cache_dir`` or ``$KDRAY_CACHE_DIR`` (``s3://``,
+    ``gs://``, ``file://`` for a folder every node mounts), else the local :func:`cache_dir`."""
+    chosen = _configured_cache(override)
+    return chosen[0].rstrip("/") if chosen and is_remote(chosen[0]) else cache_dir(override)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -66,11 +83,13 @@ def check_free_output_dir(path: str | Path, field: str, overwrite: bool = False)
 
 
 def check_cache_dir(override: Optional[str]) -> None:
-    """The kdray cache folder (``cache_dir``, else ``$KDRAY_CACHE_DIR``, else the user cache) is writable."""
-    if override:
-        check_writable_dir(override, "cache_dir")
-    elif os.environ.get("KDRAY_CACHE_DIR"):
-        check_writable_dir(os.environ["KDRAY_CACHE_DIR"], "KDRAY_CACHE_DIR")
+    """The kdray cache location (``cache_dir``, else ``$KDRAY_CACHE_DIR``, else the user cache) is writable: a
+    local folder, or a storage URI."""
+    chosen = _configured_cache(override)
+    if chosen and is_remote(chosen[0]):
+        check_writable_uri(*chosen)
+    elif chosen:
+        check_writable_dir(*chosen)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,11 +158,67 @@ def read_text(path: str) -> Optional[str]:
         return None
 
 
+def _check_scheme(uri: str, field: str) -> None:
+    if uri.split("://", 1)[0] not in STORAGE_SCHEMES:
+        raise ConfigError(field, uri, "a local folder, or a URI of s3://, gs://, hdfs://, abfs:// or file://")
+
+
 def check_storage(storage: str, field: str) -> str:
     """A results storage as Ray Tune takes it, checked before any work: a local folder kdray can write to (made
     absolute), or a URI of a file system pyarrow knows."""
     if not is_remote(storage):
         return str(check_writable_dir(storage, field).resolve())
-    if storage.split("://", 1)[0] not in STORAGE_SCHEMES:
-        raise ConfigError(field, storage, "a local folder, or a URI of s3://, gs://, hdfs://, abfs:// or file://")
+    _check_scheme(storage, field)
     return storage
+
+
+def check_writable_uri(uri: str, field: str) -> str:
+    """A storage URI kdray can write to, checked before any work: a ``file://`` folder as a local folder (creating
+    nothing), any other by writing and removing a probe object under it."""
+    _check_scheme(uri, field)
+    try:
+        fs, p = _fs(uri)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad URI
+        raise ConfigError(field, uri, f"a storage URI pyarrow can open ({first_line(e)})") from None
+    if uri.startswith("file://"):
+        try:
+            check_writable_dir(p, field)
+        except ConfigError as e:
+            raise ConfigError(field, uri, e.allowed) from None
+        return uri
+    probe = f"{p.rstrip('/')}/.kdray-write-check-{os.getpid()}"
+    try:
+        with fs.open_output_stream(probe) as f:
+            f.write(b"")
+        fs.delete_file(probe)
+    except Exception as e:  # noqa: BLE001 - OSError, or pyarrow's own errors for credentials and buckets
+        raise ConfigError(field, uri, f"a storage URI kdray can write to ({first_line(e)})") from None
+    return uri
+
+
+# the files of a folder on storage (teacher-cache entries on shared storage)
+
+
+def list_folders(uri: str) -> list[str]:
+    """Names of the folders directly under ``uri`` (none when it does not exist)."""
+    import pyarrow.fs as pafs
+
+    fs, p = _fs(uri)
+    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    return [i.base_name for i in infos if i.type == pafs.FileType.Directory]
+
+
+def read_bytes(uri: str) -> bytes:
+    """The bytes of a file on storage (OSError when it cannot be read)."""
+    fs, p = _fs(uri)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def upload(local: Path, uri: str) -> None:
+    """Copy a local file to ``uri``, creating its folder."""
+    fs, p = _fs(uri)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with open(local, "rb") as src, fs.open_output_stream(p) as dst:
+        for chunk in iter(lambda: src.read(1 << 24), b""):
+            dst.write(chunk)

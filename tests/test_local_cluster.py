@@ -77,3 +77,36 @@ def test_job_submit_and_address_searches_log_to_the_local_mlflow_server(cluster,
         assert all(r.info.status == "FINISHED" for r in runs), name
         assert parents[0].data.tags["kdray.ray_address"] in ("auto", ray_address)
         assert c.get_model_version_by_alias(f"{name}-student", "challenger").run_id in {r.info.run_id for r in children}
+
+
+def test_a_two_node_teacher_pass_and_a_search_read_the_cache_on_shared_storage(cluster, tmp_path, tiny_raw):
+    """`kdray cache build --address` with teacher_cache.workers 2 runs one teacher actor on each node and writes
+    the entry the single-process pass writes to a `file://` cache (a folder every node mounts); a search on the
+    two nodes then has its trials read the entry there instead of through the driver."""
+    from helpers.searches import write_space
+
+    env, _ = cluster
+    env = {**env, "XDG_CACHE_HOME": str(tmp_path / "xdg")}  # the teacher (trained once) and data, for every run
+    entries = {}
+    for name, workers, address in (("single", 1, []), ("spread", 2, ["--address", env["RAY_ADDRESS"]])):
+        tiny_raw["teacher_cache"] = {"workers": workers}
+        (tmp_path / name).mkdir()
+        space = write_space(tmp_path / name, tiny_raw, search={"num_trials": 2, "concurrency": 2, "max_epochs": 1,
+                                                               "scheduler": "none"})
+        uri = f"file://{tmp_path}/{name}-cache"
+        built = subprocess.run([_bin("kdray"), "cache", "build", str(space), "--cache-dir", uri, *address], env=env,
+                               capture_output=True, text=True, timeout=600)
+        assert built.returncode == 0 and "\nbuilt " in "\n" + built.stdout, built.stdout[-3000:] + built.stderr[-3000:]
+        [key] = [p for p in (tmp_path / f"{name}-cache/teacher_outputs").iterdir()]
+        entries[name] = json.loads((key / "manifest.json").read_text())
+        if workers == 2:
+            assert "on 2 Ray Data actors (CPU)" in built.stderr, built.stderr[-3000:]
+    assert entries["spread"]["key"] == entries["single"]["key"]
+    assert entries["spread"]["files"] == entries["single"]["files"]  # same bytes: the same checksums
+    search = subprocess.run(
+        [_bin("kdray"), "search", str(tmp_path / "spread/space.yaml"), "--address", env["RAY_ADDRESS"],
+         "--storage-path", str(tmp_path / "results"), "--no-tracking", "--no-baseline", "--no-progress"],
+        env={**env, "KDRAY_CACHE_DIR": f"file://{tmp_path}/spread-cache"}, capture_output=True, text=True, timeout=600)
+    assert search.returncode == 0, search.stdout[-3000:] + search.stderr[-3000:]
+    assert "teacher cache: hit" in search.stderr
+    assert f"trials read entry {entries['spread']['key']} from shared storage file://" in search.stderr

@@ -130,6 +130,16 @@ class TeacherCacheConfig(Strict):
     max_feature_mb: float = Field(2048.0, gt=0)
     # of the pooled outputs that probes read: auto is float16 for language-model teachers (hf_causal_lm), else float32
     pooled_dtype: Literal["auto", "float32", "float16"] = "auto"
+    # Ray actors that run the teacher pass (kdray.search.teacher_pass): N, or "auto" (one per GPU of the
+    # cluster, else 1); 1 runs it in this process, as without Ray
+    workers: int | Literal["auto"] = 1
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError("a whole number of Ray actors (1 or more), or 'auto' (one per GPU of the cluster, else 1)")
+        return v
 
 
 class ExportConfig(Strict):

@@ -6,7 +6,8 @@ layers that Probe-KD probes read, and the predictions of the probes fitted on th
 fingerprint of the teacher weights, the data (content, split, labelled subset, sample counts), the layers,
 poolings, probe settings and the storage dtype, so any change makes a new entry.
 
-On disk (``<cache>/teacher_outputs/<key>/``): one Parquet file per split (fixed-size-list columns, float32
+On disk (``<cache>/teacher_outputs/<key>/``, where ``<cache>`` may be a storage URI: see
+:func:`kdray.paths.cache_location`): one Parquet file per split (fixed-size-list columns, float32
 or float16) and ``manifest.json`` with the shapes, the probes' accuracies, the size per example and a
 SHA-256 per file. A file whose checksum does not match is reported and the entry rebuilt, never used; a
 manifest that is not JSON or not of the shape written here is reported and its entry skipped (``kdray cache rm``
@@ -17,7 +18,8 @@ probes) serves it, so ``kdray train`` reuses what a search built.
 
 Plain PyTorch, NumPy and pyarrow: nothing here knows about Ray or MLflow. A search puts the loaded
 arrays in the Ray object store once; NumPy arrays come back from it zero-copy. The files of an entry (Parquet,
-manifest checks, temporary folders) are :mod:`kdray.core.cache_store`.
+manifest checks, temporary folders, entries on storage) are :mod:`kdray.core.cache_store`. Who runs the teacher is
+pluggable (``outputs_fn``, e.g. the Ray Data pass of :mod:`kdray.search.teacher_pass`); by default this process.
 """
 from __future__ import annotations
 
@@ -26,11 +28,12 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -38,12 +41,13 @@ from torch import nn
 
 from kdray.config import stable_hash
 from kdray.core.bundle import DataBundle
-from kdray.core.cache_store import (FORMAT, SPLITS, CorruptEntry, load_entry, read_manifest, sweep_stale_tmp,
-                                    tmp_folder, write_splits)
+from kdray.core.cache_store import (FORMAT, SPLITS, CorruptEntry, entry_folder_name, entry_path, list_entry_names,
+                                    load_entry, publish, read_manifest, remove_entry, sweep_stale_tmp, tmp_folder,
+                                    write_splits)
 from kdray.core.hooks import FeatureHooks
 from kdray.core.probes import Probe, ProbeReport, ProbeSpec, fit_probe, pool
 from kdray.core.text import length_batches
-from kdray.paths import cache_dir
+from kdray.paths import cache_location
 
 log = logging.getLogger("kdray")
 
@@ -119,10 +123,22 @@ class TeacherCache:
     """A loaded entry: ``arrays[split][column]`` are NumPy arrays in example order."""
 
     key: str
-    path: Path
+    path: Path | str  # a storage URI for an entry on shared storage
     manifest: dict
-    arrays: dict[str, dict[str, np.ndarray]]
+    arrays: dict[str, dict[str, np.ndarray]]  # empty in a reference (:meth:`reference`) until :meth:`loaded`
     hit: bool  # False when this call built it
+
+    def reference(self) -> "TeacherCache":
+        """This entry without its arrays: what a trial on another node gets when the entry is on shared storage."""
+        return TeacherCache(self.key, self.path, self.manifest, {}, self.hit)
+
+    def loaded(self) -> "TeacherCache":
+        """This entry with its arrays: a reference reads them from its location, every file checked first."""
+        if self.arrays:
+            return self
+        m, arrays = load_entry(self.path)
+        log.info("teacher cache: read entry %s from shared storage %s (%.1f MB)", self.key, self.path, m["bytes"] / 1e6)
+        return TeacherCache(self.key, self.path, m, arrays, self.hit)
 
     def covers(self, request: CacheRequest) -> bool:
         return covers(self.manifest, request)
@@ -215,13 +231,19 @@ def teacher_outputs(model: nn.Module, x: torch.Tensor, request: CacheRequest, ba
     return {k: np.concatenate(parts)[where] if parts else np.zeros((0,), dtypes[k]) for k, parts in cols.items()}
 
 
+# who runs the teacher over one split: (teacher, x, request, batch_size, device) -> columns, as teacher_outputs
+OutputsFn = Callable[[nn.Module, torch.Tensor, CacheRequest, int, torch.device], dict[str, np.ndarray]]
+
+
 def _compute_arrays(teacher: nn.Module, bundle: DataBundle, request: CacheRequest, batch_size: int,
-                    device: torch.device) -> dict[str, dict[str, np.ndarray]]:
-    """Per split: example ids, labels and the teacher's outputs."""
+                    device: torch.device, outputs_fn: Optional[OutputsFn] = None) -> dict[str, dict[str, np.ndarray]]:
+    """Per split: example ids, labels and the teacher's outputs (by ``outputs_fn``, else in this process), on the
+    teacher's view of the examples."""
+    outputs_fn = outputs_fn or teacher_outputs
     data = {s: (bundle.teacher_x(s), getattr(bundle, f"y_{s}")) for s in SPLITS}
     arrays = {}
     for split, (x, y) in data.items():
-        cols = teacher_outputs(teacher, x, request, batch_size, device)
+        cols = outputs_fn(teacher, x, request, batch_size, device)
         arrays[split] = {"example_id": np.arange(len(x), dtype=np.int64), "label": y.numpy().astype(np.int64), **cols}
     return arrays
 
@@ -254,10 +276,10 @@ def teacher_accuracy(arrays: dict, num_classes: int) -> dict[str, float]:
 
 
 def _fill_entry(folder: Path, key: str, teacher: nn.Module, bundle: DataBundle, request: CacheRequest,
-                info: dict, batch_size: int, device: torch.device) -> None:
+                info: dict, batch_size: int, device: torch.device, outputs_fn: Optional[OutputsFn] = None) -> None:
     """Run the teacher over every split, fit the probes, write the files and the manifest into ``folder``."""
     t0 = time.perf_counter()
-    arrays = _compute_arrays(teacher, bundle, request, batch_size, device)
+    arrays = _compute_arrays(teacher, bundle, request, batch_size, device, outputs_fn)
     probes = _add_probe_predictions(arrays, request, bundle.num_classes)
     answer_acc = teacher_accuracy(arrays, bundle.num_classes)
     files, shapes = write_splits(folder, arrays)
@@ -272,15 +294,21 @@ def _fill_entry(folder: Path, key: str, teacher: nn.Module, bundle: DataBundle, 
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
-def build_entry(root: Path, key: str, teacher: nn.Module, bundle: DataBundle, request: CacheRequest,
-                info: dict, batch_size: int, device: torch.device) -> Path:
-    """Build the entry in a temporary folder and rename it into place; an interrupted or failed build
-    (Ctrl-C included) removes its temporary folder (one left by a killed process is swept later)."""
+def build_entry(root: Path | str, key: str, teacher: nn.Module, bundle: DataBundle, request: CacheRequest,
+                info: dict, batch_size: int, device: torch.device, outputs_fn: Optional[OutputsFn] = None
+                ) -> Path | str:
+    """Build the entry in a temporary folder and rename it into place (on storage: upload it, manifest last); an
+    interrupted or failed build (Ctrl-C included) removes its temporary folder (one left by a killed process is
+    swept later)."""
+    if isinstance(root, str):
+        with tempfile.TemporaryDirectory(prefix=f"kdray-{key}-") as tmp:
+            _fill_entry(Path(tmp), key, teacher, bundle, request, info, batch_size, device, outputs_fn)
+            return publish(Path(tmp), root, key)
     tmp = tmp_folder(root, key)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _fill_entry(tmp, key, teacher, bundle, request, info, batch_size, device)
+        _fill_entry(tmp, key, teacher, bundle, request, info, batch_size, device, outputs_fn)
         final = root / key
         if final.exists():
             shutil.rmtree(final, ignore_errors=True)
@@ -295,9 +323,12 @@ def build_entry(root: Path, key: str, teacher: nn.Module, bundle: DataBundle, re
 # finding and loading entries
 
 
-def entries_root(cache_root: Optional[str] = None) -> Path:
-    """The folder of the entries (made when missing), swept of stale temporary folders."""
-    root = cache_dir(cache_root) / ENTRIES
+def entries_root(cache_root: Optional[str] = None) -> Path | str:
+    """The folder of the entries: local (made when missing, swept of stale temporary folders), or a storage URI."""
+    location = cache_location(cache_root)
+    if isinstance(location, str):
+        return f"{location}/{ENTRIES}"
+    root = location / ENTRIES
     root.mkdir(parents=True, exist_ok=True)
     sweep_stale_tmp(root)
     return root
@@ -305,11 +336,11 @@ def entries_root(cache_root: Optional[str] = None) -> Path:
 
 def entry_names(cache_root: Optional[str] = None) -> list[str]:
     """Every entry folder, readable or not (what ``kdray cache rm`` may remove)."""
-    return sorted(p.name for p in entries_root(cache_root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    return list_entry_names(entries_root(cache_root))
 
 
-def _summary(p: Path, m: dict) -> dict:
-    return {"key": p.name, "teacher": m["teacher"].get("model", ""), "data": m["data"].get("name", ""),
+def _summary(p: Path | str, m: dict) -> dict:
+    return {"key": entry_folder_name(p), "teacher": m["teacher"].get("model", ""), "data": m["data"].get("name", ""),
             "examples": m["examples"], "bytes": m["bytes"], "bytes_per_example": m["bytes_per_example"],
             "feature_layers": ",".join(m["request"]["feature_layers"]), "probes": len(m["request"]["probes"]),
             "dtype": m["request"]["dtype"], "created": m["created"], "path": str(p)}
@@ -326,7 +357,7 @@ def list_entries(cache_root: Optional[str] = None) -> list[dict]:
     out = []
     for name in entry_names(cache_root):
         try:
-            out.append(_summary(root / name, read_manifest(root / name)))
+            out.append(_summary(entry_path(root, name), read_manifest(entry_path(root, name))))
         except CorruptEntry as e:
             _warn_corrupt(name, e)
     return out
@@ -338,12 +369,12 @@ def remove_entries(keys: list[str], cache_root: Optional[str] = None) -> list[st
     removed = []
     for k in keys:
         if k in names:
-            shutil.rmtree(root / k, ignore_errors=True)
+            remove_entry(entry_path(root, k))
             removed.append(k)
     return removed
 
 
-def _usable(path: Path, t_fp: str, d_fp: str, request: CacheRequest, key: str):
+def _usable(path: Path | str, t_fp: str, d_fp: str, request: CacheRequest, key: str):
     """(manifest, arrays) of the entry at ``path`` when it is intact and serves the request, else None
     (a corrupt entry is reported; the one under ``key`` is about to be rebuilt, the others are left alone)."""
     try:
@@ -352,14 +383,15 @@ def _usable(path: Path, t_fp: str, d_fp: str, request: CacheRequest, key: str):
             return None
         return load_entry(path)
     except CorruptEntry as e:
-        _warn_corrupt(path.name, e, rebuild=path.name == key)
+        _warn_corrupt(entry_folder_name(path), e, rebuild=entry_folder_name(path) == key)
         return None
 
 
 def get_cache(teacher: nn.Module, bundle: DataBundle, request: CacheRequest, *, cache_root: Optional[str] = None,
-              info: Optional[dict] = None, batch_size: int = 1000, device: Optional[torch.device] = None
-              ) -> TeacherCache:
-    """The entry for (teacher, data, request): loaded when present and intact, else built (with a message)."""
+              info: Optional[dict] = None, batch_size: int = 1000, device: Optional[torch.device] = None,
+              outputs_fn: Optional[OutputsFn] = None) -> TeacherCache:
+    """The entry for (teacher, data, request): loaded when present and intact, else built (with a message) by
+    ``outputs_fn`` (default: :func:`teacher_outputs` in this process)."""
     device = device or next(teacher.parameters()).device
     root = entries_root(cache_root)
     t_fp, d_fp = teacher_fingerprint(teacher), data_fingerprint(bundle)
@@ -369,15 +401,15 @@ def get_cache(teacher: nn.Module, bundle: DataBundle, request: CacheRequest, *, 
     info["data"] = {**info.get("data", {}), "fingerprint": d_fp, "name": bundle.name}
     names = entry_names(cache_root)
     for name in ([key] if key in names else []) + [n for n in names if n != key]:
-        found = _usable(root / name, t_fp, d_fp, request, key)
+        found = _usable(entry_path(root, name), t_fp, d_fp, request, key)
         if found:
             m, arrays = found
             log.info("teacher cache: hit %s (%d examples, %.0f bytes/example)", name, m["examples"],
                      m["bytes_per_example"])
-            return TeacherCache(name, root / name, m, arrays, hit=True)
+            return TeacherCache(name, entry_path(root, name), m, arrays, hit=True)
     log.info("teacher cache: building %s (teacher %s, data %s: %s)", key, t_fp, d_fp,
              ", ".join(f"{k}={v}" for k, v in request.describe().items() if v) or "logits only")
-    path = build_entry(root, key, teacher, bundle, request, info, batch_size, device)
+    path = build_entry(root, key, teacher, bundle, request, info, batch_size, device, outputs_fn)
     m, arrays = load_entry(path)
     log.info("teacher cache: built %s in %.1fs: %d examples, %.1f MB, %.0f bytes/example", key, m["build_seconds"],
              m["examples"], m["bytes"] / 1e6, m["bytes_per_example"])

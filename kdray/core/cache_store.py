@@ -1,6 +1,11 @@
 """The files of a teacher-cache entry (:mod:`kdray.core.cache`): one Parquet file per split with fixed-size-list
 columns, ``manifest.json`` checked against the shape written here, SHA-256 checksums, and the temporary
-folders builds write into (swept when left by a build that did not finish)."""
+folders builds write into (swept when left by a build that did not finish).
+
+The entries' root is a local folder (a :class:`~pathlib.Path`) or a storage URI (a ``str``: ``s3://``, ``gs://``,
+``file://`` for a folder every node mounts; through :mod:`kdray.paths`). On storage an entry is built in a local
+temporary folder, then uploaded with its manifest last: a reader skips an entry without a manifest, a failed
+upload removes what it wrote, and every file is checked against its checksum on read, as for a local entry."""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from kdray import paths
 
 log = logging.getLogger("kdray")
 
@@ -41,7 +48,8 @@ def _write_parquet(path: Path, columns: dict[str, np.ndarray]) -> None:
     pq.write_table(pa.Table.from_arrays(arrays, names=names), path, compression="none")
 
 
-def _read_parquet(path: Path, shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+def _read_parquet(path, shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    """The columns of a Parquet file (a local path, or a pyarrow buffer of a file read from storage)."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
@@ -180,26 +188,80 @@ def check_manifest(m, folder: str) -> dict:
     return m
 
 
-def read_manifest(path: Path) -> dict:
+def entry_path(root: Path | str, name: str) -> Path | str:
+    """The entry ``name`` under a local root or a storage URI."""
+    return paths.join(root, name) if isinstance(root, str) else root / name
+
+
+def entry_folder_name(path: Path | str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1] if isinstance(path, str) else path.name
+
+
+def list_entry_names(root: Path | str) -> list[str]:
+    """Every entry folder under the root, readable or not (temporary folders excluded)."""
+    names = paths.list_folders(root) if isinstance(root, str) else [p.name for p in root.iterdir() if p.is_dir()]
+    return sorted(n for n in names if not n.startswith("."))
+
+
+def remove_entry(path: Path | str) -> None:
+    if isinstance(path, str):
+        paths.remove_tree(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def publish(folder: Path, root: str, key: str) -> str:
+    """Upload a built entry to storage, manifest last (so no reader takes a half-uploaded entry); a failed or
+    interrupted upload removes what it wrote. The entry's URI."""
+    dest = entry_path(root, key)
+    try:
+        for name in sorted(f"{s}.parquet" for s in SPLITS) + ["manifest.json"]:
+            paths.upload(folder / name, paths.join(dest, name))
+    except BaseException:
+        if paths.exists(dest):
+            paths.remove_tree(dest)
+        raise
+    return dest
+
+
+def read_manifest(path: Path | str) -> dict:
     """The entry's checked manifest, or CorruptEntry (unreadable, not JSON, or the wrong shape)."""
     try:
-        m = json.loads((path / "manifest.json").read_text())
+        text = paths.read_bytes(paths.join(path, "manifest.json")).decode() if isinstance(path, str) \
+            else (path / "manifest.json").read_text()
+        m = json.loads(text)
     except (OSError, ValueError) as e:
         raise CorruptEntry(f"manifest unreadable: {e}") from None
-    return check_manifest(m, path.name)
+    return check_manifest(m, entry_folder_name(path))
 
 
-def load_entry(path: Path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
-    """Manifest and arrays of an entry, every file checked against its SHA-256 first."""
-    m = read_manifest(path)
-    for name, f in m["files"].items():
-        p = path / name
-        if not p.is_file():
-            raise CorruptEntry(f"{name} is missing")
-        if _sha256(p) != f["sha256"]:
+def _verified(path: Path | str, name: str, sha256: str):
+    """The file ``name`` of the entry, checked against its SHA-256: its local path, or its bytes read from
+    storage as a pyarrow buffer."""
+    import pyarrow as pa
+
+    if isinstance(path, str):
+        try:
+            data = paths.read_bytes(paths.join(path, name))
+        except (OSError, FileNotFoundError):
+            raise CorruptEntry(f"{name} is missing") from None
+        if hashlib.sha256(data).hexdigest() != sha256:
             raise CorruptEntry(f"{name} does not match its checksum")
+        return pa.BufferReader(data)
+    p = path / name
+    if not p.is_file():
+        raise CorruptEntry(f"{name} is missing")
+    if _sha256(p) != sha256:
+        raise CorruptEntry(f"{name} does not match its checksum")
+    return p
+
+
+def load_entry(path: Path | str) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    """Manifest and arrays of an entry (local, or on storage), every file checked against its SHA-256 first."""
+    m = read_manifest(path)
+    files = {name: _verified(path, name, f["sha256"]) for name, f in m["files"].items()}
     try:
-        arrays = {s: _read_parquet(path / f"{s}.parquet", m["shapes"]) for s in SPLITS}
+        arrays = {s: _read_parquet(files[f"{s}.parquet"], m["shapes"]) for s in SPLITS}
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
         raise CorruptEntry(f"unreadable: {e}") from None
     return m, arrays

@@ -154,6 +154,7 @@ def fit_budget(req: CacheRequest, cfg: ExperimentConfig, prep: Prepared, example
 
 def usable_cache(cfg: ExperimentConfig, prep: Prepared, req: CacheRequest, device: torch.device) -> TeacherCache:
     if prep.cache is not None and prep.cache.covers(req):
+        prep.cache = prep.cache.loaded()  # a reference to an entry on shared storage: read once, here
         return prep.cache
     return get_cache(prep.teacher, prep.bundle, req, cache_root=cfg.cache_dir, info=cache_info(cfg),
                      batch_size=cfg.data.eval_batch_size, device=device)

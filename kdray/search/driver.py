@@ -32,8 +32,9 @@ from kdray.experiment.space import SearchSettings, SearchSpace, check_space, cho
 from kdray.paths import check_cache_dir
 from kdray.search.callbacks import Progress, this_run
 from kdray.search.prometheus import SearchMetrics
-from kdray.search.ray_cluster import check_cluster_fits, init_ray
+from kdray.search.ray_cluster import alive_nodes, check_cluster_fits, init_ray
 from kdray.search.results import RESULTS_FILE, default_storage, read_results, results_frame, top_table, write_results
+from kdray.search.teacher_pass import check_workers, outputs_fn_for
 from kdray.search.trial import finished_trials, hard_label_baseline
 from kdray.search.tuner import make_trainable, make_tuner, sigterm_stops_tune
 
@@ -163,6 +164,7 @@ def start_ray(plan: SearchPlan, opts: SearchOptions) -> None:
     init_ray(opts.address, opts.num_cpus)
     try:
         check_cluster_fits(plan.settings)
+        check_workers(plan.corners[0].teacher_cache.workers)
     except ConfigError:
         ray.shutdown()
         raise
@@ -177,7 +179,23 @@ def prepare_shared(plan: SearchPlan) -> Any:
     prep.cache = search_cache(plan.corners + choice_combinations(plan.space, plan.base_raw, plan.base_dir), prep)
     log.info("teacher%s and data prepared once (%s); sharing them through the object store",
              " outputs" if prep.cache is not None else "", prep.teacher_info.get("source", "no teacher"))
+    if prep.cache is not None:
+        prep.cache = share_cache(prep.cache)
     return prep
+
+
+def share_cache(cache: Any) -> Any:
+    """How trials get the teacher-output entry: on a multi-node cluster with the entry on shared storage (a
+    URI), a reference that each trial reads from there (checksums verified); else the arrays themselves,
+    through the object store. Says which."""
+    if isinstance(cache.path, str) and alive_nodes() > 1:
+        log.info("teacher cache: trials read entry %s from shared storage %s (not through the driver)", cache.key,
+                 cache.path)
+        return cache.reference()
+    log.info("teacher cache: entry %s goes to the trials through the object store (%.1f MB)%s", cache.key,
+             cache.manifest["bytes"] / 1e6, "" if isinstance(cache.path, str) else
+             "; a cache_dir on shared storage (s3://, gs://, file://) lets the nodes of a cluster read it there")
+    return cache
 
 
 def start_tracking(plan: SearchPlan, opts: SearchOptions, prep: Any) -> Any:
@@ -248,7 +266,8 @@ def search_cache(corners: list, prep: Any) -> Any:
     if req is None:
         return None
     cache = get_cache(prep.teacher, b, req, cache_root=cfg.cache_dir, info=cache_info(cfg),
-                      batch_size=cfg.data.eval_batch_size, device=resolve_device("auto"))
+                      batch_size=cfg.data.eval_batch_size, device=resolve_device("auto"),
+                      outputs_fn=outputs_fn_for(cfg.teacher_cache.workers))
     for r in cache.manifest.get("probes", []):
         log.info("probe on %s (%s pooling): val acc %.3f", r["layer"], r["pooling"], r["val_acc"])
     if "test" in cache.manifest.get("teacher_accuracy", {}):  # measured by the one teacher pass

@@ -68,6 +68,13 @@ def check_ray_answers(address: str, field: str, timeout_s: float = 5.0) -> None:
                                           "for a local Ray") from None
 
 
+def alive_nodes() -> int:
+    """Nodes of the connected Ray cluster that are up."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
 def check_cluster_fits(s: SearchSettings, field_cpus: str = "--cpus-per-worker") -> None:
     """Refuse trial resources that no node of the cluster has (Tune would wait for them forever). An
     autoscaling cluster whose nodes are not up yet: set KDRAY_WAIT_FOR_RESOURCES=1."""

@@ -110,7 +110,8 @@ def quickstart() -> dict:
     wall = time.perf_counter() - t0
     df = out.table
     best = df[df.status == "finished"].sort_values("val_acc", ascending=False).iloc[0]
-    return {"quickstart_s": round(wall, 1), "quickstart_trials": len(df),
+    return {"quickstart_s": round(wall, 1), "quickstart_tune_s": round(out.tune_seconds, 1),
+            "quickstart_trials": len(df),
             "quickstart_trials_per_min": round(len(df) / (wall / 60), 2),
             "quickstart_status": df.status.value_counts().to_dict(),
             "quickstart_best_val_acc": round(float(best.val_acc), 4),

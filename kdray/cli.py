@@ -247,6 +247,11 @@ def add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reduction-factor", type=float, help="ASHA: keep 1/factor of trials at each rung")
     p.add_argument("--max-epochs", type=int, help="epochs of a trial that is not stopped early")
     p.add_argument("--max-failures", type=int, help="retries of a failed trial from its last checkpoint")
+    p.add_argument("--checkpoint-every-s", type=float, help="a trial checkpoints at ASHA's rungs, at its end, and "
+                                                            "after an epoch ending this long after its previous "
+                                                            "checkpoint (0: every epoch; default 0.5)")
+    p.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=None,
+                   help="run trial after trial in the same processes (default: on)")
     p.add_argument("--seed", type=int, help="sampler seed")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
@@ -267,7 +272,7 @@ def add_search(sub: argparse._SubParsersAction) -> None:
 
 SEARCH_SETTINGS = ("num_trials", "concurrency", "workers_per_trial", "cpus_per_worker", "gpus_per_worker",
                    "scheduler", "searcher", "tpe_startup_trials", "grace_period", "reduction_factor", "max_epochs",
-                   "max_failures", "seed")
+                   "max_failures", "seed", "checkpoint_every_s", "reuse_actors")
 
 
 def cmd_search(args: argparse.Namespace) -> int:

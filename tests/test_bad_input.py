@@ -117,6 +117,8 @@ SEARCH_CASES = [
     ("attention transfer on a 1-D output", {}, {"methods": {"at": [{"method": "at", "pair": ["fc", "fc"]}]}},
      ["layers", "'fc'", "(B, 10)", "(B, C, L)"]),
     ("temperature <= 0", {"distill.temperature": 0}, {}, ["distill.temperature", "0", "> 0"]),
+    ("a negative checkpoint interval", {}, {"search": {"checkpoint_every_s": -2}},
+     ["search.checkpoint_every_s", "-2", ">= 0"]),
     ("temperature <= 0 in a searched range", {}, {"methods": {"kd": [{"method": "kd",
                                                                       "temperature": {"float": [-1.0, 4.0]}}]}},
      ["temperature", "-1.0", "> 0"]),
@@ -145,6 +147,7 @@ def test_search_refuses_bad_input_before_any_work(tmp_path, cache_dir, capsys, n
     ("--reduction-factor", "1", ["--reduction-factor", "1", "> 1"]),
     ("--reduction-factor", "inf", ["--reduction-factor", "inf", "a finite number"]),
     ("--cpus-per-worker", "nan", ["--cpus-per-worker", "nan", "a finite number"]),
+    ("--checkpoint-every-s", "-1", ["--checkpoint-every-s", "-1", ">= 0"]),
 ])
 def test_search_refuses_bad_search_options(tmp_path, cache_dir, capsys, option, value, words):
     argv = search(tmp_path, base_config(cache_dir)) + [option, value]

@@ -86,3 +86,14 @@ def test_cifar100_tiny():
         assert {"test_acc", "best_test_acc", "epochs", "reference"} <= set(r) and 0 <= r["test_acc"] <= 100
     assert out["results"]["probe_kd"]["probes"][0]["layer"] == "layer3"
     assert out["reference"]["kd"] == 73.33 and out["reference"]["teacher"] == 79.42
+
+
+def test_search_throughput_tiny():
+    out = run_script("search_throughput.py", "--tiny")
+    assert {"tune_wall_s", "train_s", "fixed_cost_per_trial_s", "training_share", "trials", "trial_processes",
+            "checkpoints", "status", "seconds"} <= set(out)
+    assert out["tiny"] is True and out["trials"] == 4 and sum(out["status"].values()) == 4
+    assert 4 <= out["epochs_reported"] <= 8  # each trial runs 1 (pruned at the first rung) or 2 epochs
+    assert out["checkpoints"] == out["epochs_reported"]  # grace period 1 of 2 epochs: every epoch is a rung
+    assert 1 <= out["trial_processes"] <= 4
+    assert 0 < out["training_share"] < 1 and out["train_s"] > 0

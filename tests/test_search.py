@@ -2,19 +2,24 @@
 space validation before any trial, and interrupt + resume without rerunning finished trials."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 from helpers.searches import SPACE, finished_epochs, write_space
 from optuna.trial import TrialState
 
 from kdray.cli import main
+from kdray.experiment.space import SearchSettings, SearchSpace
 from kdray.search.driver import SearchOptions, run_search
 from kdray.search.results import read_results
+from kdray.search.trial import CheckpointPlan
+from kdray.search.tuner import asha_rungs, make_early_stopper
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,8 +31,9 @@ def ray_shutdown():
 
 
 def test_search_prunes_with_asha_and_tells_optuna_pruned(tmp_path, tiny_raw):
-    space = write_space(tmp_path, tiny_raw)
-    out = run_search(str(space), SearchOptions(storage_path=str(tmp_path / "results"), num_cpus=2, progress=False))
+    space = write_space(tmp_path, tiny_raw)  # ASHA's rungs: epochs 1, 2 and 4 of 4
+    out = run_search(str(space), SearchOptions(storage_path=str(tmp_path / "results"), num_cpus=2, progress=False,
+                                               overrides={"checkpoint_every_s": 1e6}))  # rungs and the end only
     df = out.table
     assert len(df) == 6 and set(df["status"]) <= {"finished", "pruned"}
     assert (df["status"] == "pruned").sum() >= 1, df[["status", "epochs"]]
@@ -56,6 +62,32 @@ def test_search_prunes_with_asha_and_tells_optuna_pruned(tmp_path, tiny_raw):
     assert (tmp_path / "results" / "tiny-search" / "results.csv").is_file()
     assert 0 < out.baseline["test_acc"] <= 1
     assert main(["results", "tiny-search", "--storage-path", str(tmp_path / "results"), "--sort", "epochs"]) == 0
+    # checkpoints at ASHA's rungs and the last epoch only, trial processes reused
+    rows = pd.concat([pd.read_json(f, lines=True) for f in (tmp_path / "results" / "tiny-search").glob("*/result.json")])
+    assert sorted(rows.loc[rows.checkpoint_dir_name.notna(), "epoch"].unique()) == [1, 2, 4]
+    assert rows.loc[rows.epoch == 3, "checkpoint_dir_name"].isna().all() and (rows.epoch == 3).any()
+    assert rows.pid.nunique() < len(df)  # 6 trials, 2 at a time, in fewer processes
+
+
+@pytest.mark.parametrize("grace,factor,max_epochs,rungs", [
+    (4, 2, 20, [4, 8, 16]), (1, 2, 4, [1, 2, 4]), (2, 3, 20, [2, 6, 18]), (2, 1.5, 5, [2, 3, 5]), (5, 2, 3, [3]),
+])
+def test_checkpoint_epochs_are_the_epochs_where_ray_asha_decides(grace, factor, max_epochs, rungs):
+    from ray.tune.schedulers import ASHAScheduler
+
+    space = SearchSpace(name="s", base="b.yaml", search=SearchSettings(grace_period=grace, reduction_factor=factor))
+    assert asha_rungs(space, space.search, max_epochs) == rungs
+    asha = make_early_stopper(space, space.search, max_epochs)
+    assert isinstance(asha, ASHAScheduler)  # Ray's own milestones, reached at the first whole epoch past them:
+    assert sorted(math.ceil(m) for m, _ in asha._brackets[0]._rungs) == rungs
+    assert asha_rungs(space, space.search.model_copy(update={"scheduler": "none"}), max_epochs) == []
+
+
+def test_checkpoint_plan_checkpoints_at_rungs_at_the_end_and_after_the_interval():
+    plan = CheckpointPlan(epochs=(2, 4), every_s=10.0)
+    assert [e for e in range(1, 9) if plan.due(e, 8, seconds_since_last=1.0)] == [2, 4, 8]
+    assert plan.due(3, 8, seconds_since_last=10.0) and not plan.due(3, 8, seconds_since_last=9.99)
+    assert all(CheckpointPlan(every_s=0).due(e, 8, seconds_since_last=0.0) for e in range(1, 9))
 
 
 def test_bad_layer_in_space_stops_before_any_trial(tmp_path, tiny_raw, capsys):

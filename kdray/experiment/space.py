@@ -102,6 +102,10 @@ class SearchSettings(Strict):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     max_failures: int = Field(1, ge=0)  # retries of a failed trial, from its last checkpoint
+    # a trial checkpoints at ASHA's rungs, after its last epoch, and after any epoch that ends this long or longer
+    # after its previous checkpoint (0: after every epoch); epochs longer than this are all checkpointed
+    checkpoint_every_s: float = Field(0.5, ge=0)
+    reuse_actors: bool = True  # one trial process runs trial after trial (Tune's actor reuse)
     # trials to run first (known-good settings): parameter name -> value; dimensions left out are sampled
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
 

@@ -79,6 +79,7 @@ class SearchOutcome:
     study: Any = None  # the searcher's Optuna study (None after --resume: Tune restores its own searcher)
     registered: list = field(default_factory=list)  # [{name, version, trial_id, run_id, rank, alias}]
     mlflow_run_id: Optional[str] = None  # the search's parent run
+    tune_seconds: float = 0.0  # of ``seconds``, the Tune experiment's (the trials', scheduling included)
 
 
 @dataclass
@@ -113,7 +114,9 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
     try:
         if tracker is not None:
             callbacks.append(start_tracking(plan, opts, prep))
+        t_tune = time.perf_counter()
         grid, searcher = run_tune(plan, opts, prep, callbacks)
+        tune_seconds = time.perf_counter() - t_tune
         table = results_frame(grid, plan.space)
         out = paths.join(plan.exp_path, RESULTS_FILE)
         write_results(table, out)
@@ -131,7 +134,7 @@ def run_search(space_path: str, opts: SearchOptions) -> SearchOutcome:
         raise
     return SearchOutcome(table, plan.exp_path, baseline, time.perf_counter() - t0,
                          searcher.study if searcher is not None else None, registered,
-                         tracker.parent_run_id if tracker is not None else None)
+                         tracker.parent_run_id if tracker is not None else None, tune_seconds)
 
 
 def plan_search(space_path: str, opts: SearchOptions) -> SearchPlan:

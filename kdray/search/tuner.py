@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import threading
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Optional
 from kdray.experiment.space import SearchSettings, SearchSpace
 from kdray.search.callbacks import SearchCallbacks
 from kdray.search.searcher import StudySearcher, make_searcher
-from kdray.search.trial import trial
+from kdray.search.trial import CheckpointPlan, trial
 
 log = logging.getLogger("kdray")
 
@@ -31,7 +32,8 @@ def make_trainable(space: SearchSpace, s: SearchSettings, *, prep_ref: Any, base
     trainable = tune.with_parameters(
         trial, shared=[prep_ref], space_raw=space.model_dump(mode="json", by_alias=True), base_raw=base_raw,
         base_dir=str(base_dir), max_epochs=max_epochs, workers=s.workers_per_trial,
-        cpus_per_worker=s.cpus_per_worker, gpus_per_worker=s.gpus_per_worker, storage_path=storage)
+        cpus_per_worker=s.cpus_per_worker, gpus_per_worker=s.gpus_per_worker, storage_path=storage,
+        checkpoints=CheckpointPlan(tuple(asha_rungs(space, s, max_epochs)), s.checkpoint_every_s))
     if s.workers_per_trial == 1:
         resources: Any = {"cpu": s.cpus_per_worker, "gpu": s.gpus_per_worker}
     else:
@@ -41,19 +43,34 @@ def make_trainable(space: SearchSpace, s: SearchSettings, *, prep_ref: Any, base
     return tune.with_resources(trainable, resources)
 
 
+def uses_asha(space: SearchSpace, s: SearchSettings) -> bool:
+    """ASHA stops trials early unless the settings say no scheduler or the search has several objectives."""
+    return s.scheduler == "asha" and not space.objectives
+
+
 def make_early_stopper(space: SearchSpace, s: SearchSettings, max_epochs: int):
     """The Tune trial scheduler: ASHA on the validation metric, or none (FIFO) when the settings say so or the
     search has several objectives."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    if s.scheduler == "none":
-        return FIFOScheduler()
-    if space.objectives:
-        log.info("multi-objective search (%s): no ASHA early stopping, every trial runs %d epochs",
-                 ", ".join(f"{m} {d}" for m, d in zip(space.metrics, space.modes)), max_epochs)
+    if not uses_asha(space, s):
+        if space.objectives and s.scheduler == "asha":
+            log.info("multi-objective search (%s): no ASHA early stopping, every trial runs %d epochs",
+                     ", ".join(f"{m} {d}" for m, d in zip(space.metrics, space.modes)), max_epochs)
         return FIFOScheduler()
     return ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode, max_t=max_epochs,
                          grace_period=min(s.grace_period, max_epochs), reduction_factor=s.reduction_factor)
+
+
+def asha_rungs(space: SearchSpace, s: SearchSettings, max_epochs: int) -> list[int]:
+    """The epochs at which ASHA (as :func:`make_early_stopper` sets it up) decides whether a trial goes on: the
+    milestones ``grace_period * reduction_factor**k`` of Ray's single bracket (its own count of them), rounded up
+    to a whole epoch, at most ``max_epochs``; none without ASHA."""
+    if not uses_asha(space, s):
+        return []
+    grace = min(s.grace_period, max_epochs)
+    count = int(math.log(max_epochs / grace) / math.log(s.reduction_factor) + 1)  # as ray's _Bracket counts
+    return sorted({min(max_epochs, math.ceil(grace * s.reduction_factor ** k)) for k in range(count)})
 
 
 def make_tuner(trainable: Any, space: SearchSpace, s: SearchSettings, *, exp_path: str, storage: str,
@@ -69,7 +86,8 @@ def make_tuner(trainable: Any, space: SearchSpace, s: SearchSettings, *, exp_pat
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.concurrency),
-                                    scheduler=make_early_stopper(space, s, max_epochs), num_samples=s.num_trials),
+                                    scheduler=make_early_stopper(space, s, max_epochs), num_samples=s.num_trials,
+                                    reuse_actors=s.reuse_actors and s.workers_per_trial == 1),
         run_config=tune.RunConfig(name=space.name, storage_path=storage, verbose=0, callbacks=[callbacks],
                                   failure_config=tune.FailureConfig(max_failures=s.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))

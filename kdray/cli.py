@@ -9,17 +9,16 @@ never load Ray or Optuna (tests/test_architecture.py checks it).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from kdray import __version__
 from kdray.errors import ConfigError, KdrayError
-from kdray.paths import check_cache_dir, check_free_output_dir, check_writable_dir
+from kdray.paths import check_cache_dir, check_free_output_dir, check_output_file
 from kdray.report.tables import methods_text, render
 
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
@@ -164,6 +163,7 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     from kdray.experiment.run import prepare
     from kdray.experiment.space import configs_of_file
     from kdray.search.driver import search_cache
+    from kdray.search.teacher_pass import ray_for_teacher_pass
 
     check_cache_dir(args.cache_dir)
     cfgs = configs_of_file(args.path, args.cache_dir)
@@ -178,30 +178,6 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     for r in m.get("probes", []):
         print(f"  probe {r['layer']} ({r['pooling']}): val acc {r['val_acc']:.4f}")
     return 0
-
-
-@contextlib.contextmanager
-def ray_for_teacher_pass(workers: int | str, address: str | None, num_cpus: int | None) -> Iterator[None]:
-    """Ray for ``kdray cache build`` when the teacher pass has more than one worker (or ``--address`` names a
-    cluster): connected, ``teacher_cache.workers`` checked against the cluster before any work, and shut down
-    (or disconnected) at the end. Without it, no Ray: the pass runs in this process."""
-    from kdray.search.teacher_pass import check_workers, local_workers
-
-    if num_cpus is not None and num_cpus < 1:
-        raise ConfigError("--num-cpus", num_cpus, "1 or more (CPUs of the local Ray)")
-    if address is None and local_workers(workers) <= 1:
-        yield
-        return
-    import ray
-
-    from kdray.search.ray_cluster import init_ray
-
-    init_ray(address, num_cpus)
-    try:
-        check_workers(workers)
-        yield
-    finally:
-        ray.shutdown()
 
 
 def cmd_cache_ls(args: argparse.Namespace) -> int:
@@ -433,13 +409,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = write_report(df, folder.name, out, args.metric, args.mode)
     print(f"wrote {out}")
     return 0
-
-
-def check_output_file(path: Path, field: str, example: str) -> None:
-    """A file kdray may write: not a folder, in a folder it can create and write in (nothing is created)."""
-    if path.is_dir():
-        raise ConfigError(field, str(path), f"a file path such as {example} (this is a folder)")
-    check_writable_dir(path.parent, field)
 
 
 def build_parser() -> argparse.ArgumentParser:

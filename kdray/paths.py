@@ -53,6 +53,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def check_output_file(path: Path, field: str, example: str) -> None:
+    """A file kdray may write: not a folder, in a folder it can create and write in (nothing is created)."""
+    if path.is_dir():
+        raise ConfigError(field, str(path), f"a file path such as {example} (this is a folder)")
+    check_writable_dir(path.parent, field)
+
+
 def check_writable_dir(path: str | Path, field: str) -> Path:
     """A folder kdray can create and write in. Creates nothing: probes the folder, or its nearest existing
     parent, with a temporary file that is removed at once."""

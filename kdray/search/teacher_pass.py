@@ -14,10 +14,11 @@ cache removes the entry it was building. The probes are fitted afterwards in the
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -180,5 +181,28 @@ def outputs_fn_for(setting: Union[int, str], loader: Optional[Loader] = None) ->
     return ray_outputs_fn(workers, use_gpu, loader) if workers > 1 else None
 
 
-__all__ = ["check_workers", "local_workers", "object_store_loader", "outputs_fn_for", "ray_outputs_fn", "ray_pass",
-           "TeacherActor"]
+@contextlib.contextmanager
+def ray_for_teacher_pass(workers: int | str, address: str | None, num_cpus: int | None) -> Iterator[None]:
+    """Ray for ``kdray cache build`` when the teacher pass has more than one worker (or ``--address`` names a
+    cluster): connected, ``teacher_cache.workers`` checked against the cluster before any work, and shut down
+    (or disconnected) at the end. Without it, no Ray: the pass runs in this process."""
+    if num_cpus is not None and num_cpus < 1:
+        raise ConfigError("--num-cpus", num_cpus, "1 or more (CPUs of the local Ray)")
+    if address is None and local_workers(workers) <= 1:
+        yield
+        return
+    import ray
+
+    from kdray.search.ray_cluster import init_ray
+
+    init_ray(address, num_cpus)
+    try:
+        check_workers(workers)
+        yield
+    finally:
+        ray.shutdown()
+
+
+
+__all__ = ["check_workers", "local_workers", "object_store_loader", "outputs_fn_for", "ray_for_teacher_pass",
+           "ray_outputs_fn", "ray_pass", "TeacherActor"]

@@ -86,3 +86,26 @@ def test_cifar100_tiny():
         assert {"test_acc", "best_test_acc", "epochs", "reference"} <= set(r) and 0 <= r["test_acc"] <= 100
     assert out["results"]["probe_kd"]["probes"][0]["layer"] == "layer3"
     assert out["reference"]["kd"] == 73.33 and out["reference"]["teacher"] == 79.42
+
+
+def test_llm_probe_kd_tiny(tmp_path):
+    """Issue 16: the language-model mechanism end to end on generated questions, tiny: a teacher trained and saved
+    by the script, loaded by kdray from its folder, probed per layer, students of both kinds, a search."""
+    plot = tmp_path / "layers.png"
+    out = run_script("llm_probe_kd.py", "--tiny", "--work", str(tmp_path / "work"), "--plot", str(plot))
+    assert {"labels", "labelled", "teacher", "layers", "results", "search", "seconds"} <= set(out) and out["tiny"]
+    assert 0 <= out["teacher"]["test_acc_own_tokens"] <= 1 and 0 <= out["teacher"]["test_acc_letters"] <= 1
+    assert abs(out["labelled"]["32"] - 32) <= 2
+    found = out["layers"]["32"][0]
+    assert [p["layer"] for p in found["probes"]] == ["model.model.layers.0", "model.model.layers.1"]
+    assert found["chosen"] == max(found["probes"], key=lambda p: p["val_acc"])["layer"]
+    bert, shared = out["results"]["bert"], out["results"]["shared"]
+    for method in ("hard", "answer_kd", "probe_kd", "own_token_kd"):
+        assert 0 <= bert[method]["32"]["mean"] <= 1 and len(bert[method]["32"]["runs"]) == 1
+    assert shared["own_token_kd"] == {} and len(shared["probe_kd"]["32"]["runs"]) == 1  # the control: first student
+    s = out["search"]
+    assert s["trials"] == 2 and s["best"]["val_acc"] == round(max(t["val_acc"] for t in s["all"]), 4)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    row = json.loads((tmp_path / "work" / "data" / "arc-animals" / "train.jsonl").read_text().splitlines()[0])
+    assert set(row) >= {"question", "choices", "answerKey"} and row["choices"]["label"] == ["A", "B", "C", "D"]
+    assert (tmp_path / "work" / "models" / "teacher" / "config.json").is_file()

@@ -423,8 +423,8 @@ def search(world: dict, frac: float, layers: list[str], args: argparse.Namespace
         "params": {k: (v if isinstance(v, (str, int)) else round(float(v), 4)) for k, v in params.items()},
         "val_acc": round(float(best["val_acc"]), 4), "test_acc": round(float(best["test_acc"]), 4)},
         "baseline_test_acc": out.baseline["test_acc"] if out.baseline else None, "seconds": round(out.seconds, 1),
-        "all": trials, "command": f"kdray search {folder / 'space.yaml'} --num-trials {args.search_trials} "
-                                  f"--max-epochs {args.epochs} --no-tracking"}
+        "all": trials, "command": f"kdray search {folder / 'space.yaml'} --num-trials {args.search_trials} --max-epochs "
+                                  f"{args.epochs} --seed 0 --num-cpus {args.workers} --no-tracking --overwrite"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,6 +455,8 @@ def markdown(out: dict) -> str:
               "|---|---" + "|---" * len(cols) + "|"]
     for student in out["students"]:
         for m in out["methods"]:
+            if not out["results"][student][m]:
+                continue  # the control runs on the first student only
             lines.append(f"| {student} | {m} | " + " | ".join(cell(out["results"][student][m].get(c)) for c in cols)
                          + " |")
     if out.get("search"):
@@ -468,7 +470,7 @@ def markdown(out: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-TINY = {"train": 240, "test": 80, "teacher_questions": 240, "teacher_hidden": 32, "teacher_layers": 2,
+TINY = {"train": 200, "test": 40, "teacher_questions": 200, "teacher_hidden": 32, "teacher_layers": 2,
         "teacher_epochs": 1, "student_hidden": 16, "epochs": 1, "labels": [32], "seeds": [0], "search_trials": 2,
         "vocab": 500, "words": 40}
 
@@ -536,7 +538,7 @@ def main() -> None:
     from kdray.report.plots import probe_layers_plot
 
     probe_layers_plot(plot["probes"], plot["teacher_val_acc"], args.plot,
-                      f"Generated comparison questions, {labelled[int(mid)]} labels: where the answer lives")
+                      f"Made-up animals, {labelled[int(mid)]} labels: probes vs answer tokens")
     by: dict[tuple, list] = {}
     for (student, n, seed, m, _), r in zip(jobs, run_jobs(one_run, jobs, args.workers)):
         by.setdefault((student, m, str(n)), []).append(r["test_acc"])

@@ -36,11 +36,14 @@ of all with few labels. No pretrained weights or benchmark data can be downloade
     trial (chosen on validation accuracy) and kdray's hard-label baseline.
 
 ``--workers`` (default 2) trainings run at a time, each a forked process with one thread; the teacher cache is
-filled in this process first (one teacher pass per data split, probes on every layer), so every training reads it.
+filled in this process first (one teacher pass per student view, budget and seed, probes on every layer), so the
+trainings read it.
 
-Usage: ``python benchmarks/llm_probe_kd.py [--labels 32 128 512] [--seeds 0 1 2] [--epochs 12] [--work DIR]
-[--markdown FILE] [--plot PNG]``; ``--tiny`` runs a few-second version (tiny models, 1 seed, 1 budget, 2 search
-trials). Progress and markdown tables go to stderr; the last line of stdout is a JSON object.
+Usage: ``python benchmarks/llm_probe_kd.py [--labels 32 128 512] [--seeds 0 1 2] [--epochs 8] [--work DIR]
+[--markdown FILE] [--plot PNG]`` (about 22 minutes on a shared 2-core CPU); ``--tiny`` runs a small version
+(tiny models, 1 seed, 1 budget, 2 search trials: seconds of training, most of its minute is starting a local Ray
+for the search). Progress and markdown tables go to stderr (Ray Tune prints its status to stdout); the last line
+of stdout is a JSON object.
 """
 from __future__ import annotations
 

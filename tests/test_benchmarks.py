@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
 
-def run_script(name: str, *args: str, cwd: Path | None = None) -> dict:
-    out = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True, text=True, timeout=300,
+def run_script(name: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> dict:
+    out = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True, text=True, timeout=timeout,
                          cwd=cwd, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     last = out.stdout.strip().splitlines()[-1]
@@ -97,3 +97,27 @@ def test_search_throughput_tiny():
     assert out["checkpoints"] == out["epochs_reported"]  # grace period 1 of 2 epochs: every epoch is a rung
     assert 1 <= out["trial_processes"] <= 4
     assert 0 < out["training_share"] < 1 and out["train_s"] > 0
+
+
+def test_llm_probe_kd_tiny(tmp_path):
+    """Issue 16: the language-model mechanism end to end on generated questions, tiny: a teacher trained and saved
+    by the script, loaded by kdray from its folder, probed per layer, students of both kinds, a search."""
+    plot = tmp_path / "layers.png"
+    out = run_script("llm_probe_kd.py", "--tiny", "--work", str(tmp_path / "work"), "--plot", str(plot),
+                     timeout=900)  # a local Ray for the search: slow to start on a loaded machine
+    assert {"labels", "labelled", "teacher", "layers", "results", "search", "seconds"} <= set(out) and out["tiny"]
+    assert 0 <= out["teacher"]["test_acc_own_tokens"] <= 1 and 0 <= out["teacher"]["test_acc_letters"] <= 1
+    assert abs(out["labelled"]["32"] - 32) <= 2
+    found = out["layers"]["32"][0]
+    assert [p["layer"] for p in found["probes"]] == ["model.model.layers.0", "model.model.layers.1"]
+    assert found["chosen"] == max(found["probes"], key=lambda p: p["val_acc"])["layer"]
+    bert, shared = out["results"]["bert"], out["results"]["shared"]
+    for method in ("hard", "answer_kd", "probe_kd", "own_token_kd"):
+        assert 0 <= bert[method]["32"]["mean"] <= 1 and len(bert[method]["32"]["runs"]) == 1
+    assert shared["own_token_kd"] == {} and len(shared["probe_kd"]["32"]["runs"]) == 1  # the control: first student
+    s = out["search"]
+    assert s["trials"] == 2 and s["best"]["val_acc"] == round(max(t["val_acc"] for t in s["all"]), 4)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    row = json.loads((tmp_path / "work" / "data" / "arc-animals" / "train.jsonl").read_text().splitlines()[0])
+    assert set(row) >= {"question", "choices", "answerKey"} and row["choices"]["label"] == ["A", "B", "C", "D"]
+    assert (tmp_path / "work" / "models" / "teacher" / "config.json").is_file()

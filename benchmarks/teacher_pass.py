@@ -14,10 +14,17 @@ Each figure is the best of ``--reps`` passes (the Ray passes include starting th
 Ray itself is started once, outside the timing). ``speedup_2v1`` is the 2-actor rate over the 1-actor rate: the limit
 is the number of cores or GPUs the actors get (2.0 here).
 
-More sections (issue 16: an LM teacher of Qwen2.5-1.5B's shape, tokens/s against a plain forward) add a function
-to ``SECTIONS``.
+Section ``lm_pass`` (issue 16): tokens per second of kdray's teacher pass over a decoder of Qwen2.5-1.5B's
+architecture (``Qwen2Config`` with its published sizes: hidden 1536, 28 layers, 12 heads with 2 key-value heads,
+intermediate 8960, vocabulary 151,936; random weights) wrapped as ``hf_causal_lm``, storing the last-token state of
+every decoder block (float16) and the answer-token logits, over random prompts of 100-400 tokens (ARC-like), in
+bfloat16 on a GPU (float32 on a CPU), against a plain ``model(input_ids, attention_mask)`` forward of the same
+length-grouped batches (which computes the full vocabulary's logits at every position) and against the same with
+``logits_to_keep=1``. The ratios are kdray's overhead; on a GPU also the model FLOPs utilisation (2 x non-embedding
+parameters x tokens, a lower bound, over the GPU's dense bf16 peak). ``--tiny`` uses a 4-layer, hidden-64 Qwen2:
+on a CPU only the ratios mean anything. More sections add a function to ``SECTIONS``.
 
-Usage: ``python benchmarks/teacher_pass.py [--tiny] [--sections ray_data] [--reps 2]``. Progress on stderr; the last
+Usage: ``python benchmarks/teacher_pass.py [--tiny] [--sections ray_data lm_pass] [--reps 2]``. Progress on stderr; the last
 line of stdout is a JSON object, one key per section.
 """
 from __future__ import annotations
@@ -121,7 +128,106 @@ def ray_data_section(args: argparse.Namespace) -> dict:
         ray.shutdown()
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {"ray_data": ray_data_section}
+# --------------------------------------------------------------------------------------------------
+# issue 16: kdray's teacher pass over a language model against a plain forward and the hardware
+
+QWEN25_15B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                  intermediate_size=8960, vocab_size=151936, max_position_embeddings=4096)
+TINY_LM = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=128, vocab_size=1000, max_position_embeddings=512)
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0}  # dense bf16, vendor data sheets
+
+
+def lm_prompts(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    """``n`` random prompts of ``lo``..``hi`` tokens (ARC-like lengths), padded with kdray's -1."""
+    from kdray.core.text import pad_rows
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=g)
+    return pad_rows([torch.randint(10, vocab, (int(k),), generator=g).tolist() for k in lengths])
+
+
+def qwen_teacher(sizes: dict, dtype: torch.dtype, device: torch.device):
+    """A Qwen2 decoder with random weights (speed does not depend on them) wrapped as kdray's ``hf_causal_lm``."""
+    import transformers
+
+    from kdray.models.hf_lm import HFCausalLM
+
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**sizes, tie_word_embeddings=False))
+    model = model.to(dtype).to(device).eval()
+    return HFCausalLM(model, [10, 11, 12, 13]).to(device)
+
+
+def timed(fn, device: torch.device, reps: int) -> float:
+    """The best of ``reps`` timings of ``fn()`` (after one warm-up), synchronising a GPU."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def plain_forward(model, x: torch.Tensor, batch_size: int, device: torch.device, keep_last: bool) -> None:
+    """The same length-grouped batches through ``model(input_ids, attention_mask)``, no hooks, no pooling."""
+    from kdray.core.text import left_align, length_batches, token_mask
+
+    with torch.inference_mode():
+        for _, xb in length_batches(x, batch_size):
+            ids, mask = left_align(xb, token_mask(xb))
+            kwargs = {"logits_to_keep": 1} if keep_last else {}
+            model(input_ids=ids.clamp_min(0).to(device), attention_mask=mask.long().to(device), **kwargs)
+
+
+def lm_pass(tiny: bool, device: torch.device, reps: int) -> dict:
+    """Tokens per second of kdray's teacher pass (every layer's last-token state in float16, the answer-token logits)
+    against a plain forward of the same batches; model FLOPs utilisation against the GPU's bf16 peak."""
+    from kdray.core.cache import CacheRequest, teacher_outputs
+    from kdray.core.probes import ProbeSpec
+
+    sizes = TINY_LM if tiny else QWEN25_15B
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    teacher = qwen_teacher(sizes, dtype, device)
+    n, (lo, hi), bs = (32, (20, 60), 8) if tiny else ((16, (100, 400), 8) if device.type == "cpu" else (2048, (100, 400), 32))
+    x = lm_prompts(n, lo, hi, sizes["vocab_size"])
+    tokens = int((x >= 0).sum())
+    layers = teacher.probe_layers()
+    req = CacheRequest((), tuple(ProbeSpec(p, "last", 1e-3, 100) for p in layers), pooled_dtype="float16")
+    t_kdray = timed(lambda: teacher_outputs(teacher, x, req, bs, device), device, reps)
+    t_plain = timed(lambda: plain_forward(teacher.model, x, bs, device, keep_last=False), device, reps)
+    t_last = timed(lambda: plain_forward(teacher.model, x, bs, device, keep_last=True), device, reps)
+    params = sum(p.numel() for n_, p in teacher.model.named_parameters() if "embed_tokens" not in n_)
+    flops = 2 * params * tokens  # matmul FLOPs of the forward (attention's T^2 term left out: a lower bound)
+    out = {"model": "tiny Qwen2" if tiny else "Qwen2.5-1.5B architecture", "device": str(device), "dtype": str(dtype),
+           "examples": n, "tokens": tokens, "batch_size": bs, "layers_stored": len(layers),
+           "kdray_tokens_per_s": tokens / t_kdray, "plain_tokens_per_s": tokens / t_plain,
+           "plain_last_logits_tokens_per_s": tokens / t_last,
+           "kdray_over_plain_time": t_kdray / t_plain, "kdray_over_plain_last_logits_time": t_kdray / t_last}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+        out.update(gpu=name, model_tflops=flops / t_kdray / 1e12,
+                   mfu=(flops / t_kdray / 1e12 / peak) if peak else None)
+    return out
+
+
+def lm_pass_section(args: argparse.Namespace) -> dict:
+    """kdray's teacher pass over a decoder of Qwen2.5-1.5B's shape (a tiny one with ``--tiny``) against a plain
+    forward of the same batches, on the GPU when there is one."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = lm_pass(args.tiny, device, args.reps)
+    for k in ("kdray", "plain", "plain_last_logits"):
+        print(f"[lm_pass] {k}: {out[k + '_tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {"ray_data": ray_data_section, "lm_pass": lm_pass_section}
 
 
 def main() -> None:

@@ -121,3 +121,15 @@ def test_llm_probe_kd_tiny(tmp_path):
     row = json.loads((tmp_path / "work" / "data" / "arc-animals" / "train.jsonl").read_text().splitlines()[0])
     assert set(row) >= {"question", "choices", "answerKey"} and row["choices"]["label"] == ["A", "B", "C", "D"]
     assert (tmp_path / "work" / "models" / "teacher" / "config.json").is_file()
+
+
+def test_teacher_pass_tiny():
+    """Issues 16 and 18: kdray's teacher pass over a decoder LM against a plain forward (the same tokens, every
+    decoder block's last-token state stored), and the Ray Data pass with 1 and 2 actors equal to the in-process one."""
+    out = run_script("teacher_pass.py", "--tiny", "--reps", "1", timeout=900)
+    lm = out["lm_pass"]
+    assert lm["layers_stored"] == 4 and lm["tokens"] > lm["examples"] * 20
+    assert lm["kdray_tokens_per_s"] > 0 and lm["kdray_over_plain_time"] > 0
+    for teacher in ("cnn", "lm"):
+        assert out["ray_data"][teacher]["equal_to_in_process"] is True
+        assert out["ray_data"][teacher]["speedup_2v1"] > 0

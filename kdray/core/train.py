@@ -322,9 +322,11 @@ EpochCallback = Callable[[dict[str, float], Callable[[], dict[str, Any]]], None]
 
 class Trainer:
     """The epoch loop in named steps, mdistiller's ``train -> train_epoch -> train_iter``: :meth:`fit` runs
-    :meth:`train_epoch` for every epoch, which runs :meth:`train_batch` on every batch of this rank's shard
-    (:meth:`check_finite` on its losses); :meth:`evaluate` measures the epoch and :meth:`end_epoch` reports it
-    to the progress bar and the callbacks. A variant overrides one step. See :func:`fit` for the arguments."""
+    :meth:`train_epoch` for every epoch, which runs :meth:`train_batch` (forward under :meth:`autocast`, then
+    :meth:`step`) on every batch of this rank's shard and keeps its losses on the device (:class:`LossSums`, whose
+    divergence check is read every :attr:`check_every` batches); :meth:`evaluate` measures the epoch and
+    :meth:`end_epoch` reports it to the progress bar and the callbacks. A variant overrides one step. See
+    :func:`fit` for the arguments."""
 
     def __init__(self, distiller: Distiller, data: Data, train: TrainConfig, *, seed: int,
                  teacher: Optional[TeacherSignal] = None, online_teacher: Optional[nn.Module] = None,

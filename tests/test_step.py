@@ -143,6 +143,17 @@ def test_precisions_the_device_cannot_do_are_refused_before_any_work(tiny_raw, t
     assert not any(tmp_path.iterdir())
 
 
+def test_compile_without_a_cpp_compiler_is_refused_before_any_work(tiny_raw, tmp_path, monkeypatch):
+    tiny_raw["cache_dir"] = str(tmp_path / "cache")
+    tiny_raw["train"].update(compile=True, device="cpu")
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no C++ compiler on it
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(ConfigError) as info:
+        run(parse_config(tiny_raw))
+    assert (info.value.field, info.value.value) == ("train.compile", True) and "C++" in info.value.allowed
+    assert not (tmp_path / "cache").exists()
+
+
 @pytest.mark.slow  # compiling takes about a minute on 2 CPU cores
 def test_compiled_student_keeps_its_hooks_and_results(tiny_raw, prep):
     tiny_raw["distill"]["terms"] = [FITNET]  # reads the student's relu2 through a forward hook

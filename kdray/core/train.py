@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -102,6 +103,23 @@ def check_precision(precision: str, device: torch.device, field: str = "train.pr
     allowed = "fp32 or bf16" if device.type == "cpu" else "fp32"
     raise ConfigError(field, precision, f"{allowed} on the {device.type} device (fp16 needs CUDA; bf16 needs the "
                                         "CPU or a CUDA device that supports it)")
+
+
+def check_compile(enabled: bool, device: torch.device, field: str = "train.compile") -> None:
+    """A ConfigError when ``train.compile`` is on but torch.compile cannot work here: no TorchDynamo for this
+    Python, or (on the CPU) no C++ compiler for its code generator."""
+    if not enabled:
+        return
+    import shutil
+
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise ConfigError(field, True, "false: torch.compile is not supported by this Python/torch build")
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++",
+                                                                  "clang++")):
+        raise ConfigError(field, True, "false, or install a C++ compiler (g++ or clang++; torch.compile generates "
+                                       "C++ for the CPU)")
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -235,44 +253,42 @@ def _all_f32(values: dict[str, Any]) -> dict[str, Any]:
 
 
 class LossSums:
-    """The sums of the batches' loss parts where they were computed (no copy to the host per batch), and, for
-    the divergence check, the batch and value of each part's first non-finite value (also on the device).
+    """The batches' loss parts, kept where they were computed (one small stack per batch, no copy to the host)
+    until :meth:`check` reads the pending ones back in one copy, sums them and looks for the first non-finite one.
 
-    :meth:`check` and :meth:`means` are the only reads back to the host. Adding one batch is a handful of tiny
-    tensor ops; the sums are float64, so the means equal those of summing the parts as Python floats."""
+    The sums are made on the host in batch order from the parts' own values, exactly as when every part was read
+    back with ``float`` after every batch, so fp32 training reports the same means to the last bit."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
         self.batches = 0
-        self.sums = self.first_bad = self.bad_value = torch.empty(0)
+        self.sums: list[float] = []
+        self.pending: list[torch.Tensor] = []
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
-        vec = torch.stack([v.detach().reshape(()) for v in values.values()]).double()
         if not self.batches:
-            self.names = list(values)
-            self.sums = torch.zeros_like(vec)
-            self.first_bad = torch.full_like(vec, -1, dtype=torch.long)
-            self.bad_value = torch.zeros_like(vec)
+            self.names, self.sums = list(values), [0.0] * len(values)
         elif list(values) != self.names:
             raise ValueError(f"loss parts {list(values)} after {self.names}")
-        new_bad = ~torch.isfinite(vec) & (self.first_bad < 0)
-        self.first_bad = torch.where(new_bad, self.batches, self.first_bad)
-        self.bad_value = torch.where(new_bad, vec, self.bad_value)
-        self.sums += vec
+        self.pending.append(torch.stack([v if v.dim() == 0 else v.reshape(()) for v in values.values()]).detach())
         self.batches += 1
 
     def check(self, epoch: int) -> None:
-        """A DivergedError naming the first part that was inf or nan (of the earliest such batch)."""
-        first = self.first_bad.tolist()
-        bad = [(b, i) for i, b in enumerate(first) if b >= 0]
-        if bad:
-            i = min(bad)[1]
-            raise DivergedError(epoch, self.names[i], float(self.bad_value[i]))
+        """Read the pending batches back (one copy); a DivergedError naming the first part that was inf or nan (of
+        the earliest such batch)."""
+        if not self.pending:
+            return
+        rows, self.pending = torch.stack(self.pending).tolist(), []
+        for row in rows:
+            for i, v in enumerate(row):
+                if not math.isfinite(v):
+                    raise DivergedError(epoch, self.names[i], v)
+                self.sums[i] += v
 
     def means(self) -> dict[str, float]:
-        """The mean of each part over the batches (``loss``, ``loss_<part>``)."""
+        """The mean of each part over the batches (``loss``, ``loss_<part>``), after a final :meth:`check`."""
         n = max(self.batches, 1)
-        return {("loss" if k == "loss" else f"loss_{k}"): v / n for k, v in zip(self.names, self.sums.tolist())}
+        return {("loss" if k == "loss" else f"loss_{k}"): v / n for k, v in zip(self.names, self.sums)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,6 +355,7 @@ class Trainer:
         self.module = module or distiller
         self.device = next(distiller.parameters()).device
         check_precision(train.precision, self.device)
+        check_compile(train.compile, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
         self.params = [p for p in distiller.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.params, train.optimizer)
@@ -400,7 +417,7 @@ class Trainer:
 
     def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """One optimiser step on the examples ``idx`` (and the online teacher's); the batch's loss parts and
-        ``loss``, detached, on the device."""
+        ``loss``, on the device (:class:`LossSums` detaches them)."""
         x, y = rows_to(self.data.x_train, idx, self.device), rows_to(self.data.y_train, idx, self.device)
         if self.data.augment is not None:
             x = self.data.augment(x, gen)
@@ -414,7 +431,7 @@ class Trainer:
             parts["teacher"] = t_loss
             self.step(self.t_opt, t_loss, [])
         self.scaler.update()
-        return {**{k: v.detach() for k, v in parts.items()}, "loss": loss.detach()}
+        return {**parts, "loss": loss}
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The forward passes' autocast of ``train.precision`` (none for fp32)."""

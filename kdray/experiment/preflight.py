@@ -17,7 +17,7 @@ from kdray.core.bundle import DataBundle
 from kdray.core.hooks import check_paths, output_shapes
 from kdray.core.methods import LOGITS, METHODS
 from kdray.core.signals import probe_specs
-from kdray.core.train import Distiller, check_precision, resolve_device
+from kdray.core.train import Distiller, check_compile, check_precision, resolve_device
 from kdray.data import make_bundle
 from kdray.errors import ConfigError, first_line
 from kdray.experiment.teachers import ensemble_architecture
@@ -142,9 +142,10 @@ def check_devices(cfg: ExperimentConfig, student: bool = True) -> None:
 
 
 def check_train_device(train: TrainConfig, field: str) -> None:
-    """``train.device`` exists here and can train in ``train.precision``."""
+    """``train.device`` exists here and can train in ``train.precision`` (and compile the model if asked)."""
     check_device(train.device, f"{field}.device")
     check_precision(train.precision, resolve_device(train.device), f"{field}.precision")
+    check_compile(train.compile, resolve_device(train.device), f"{field}.compile")
 
 
 def check_data(cfg: ExperimentConfig) -> DataBundle:

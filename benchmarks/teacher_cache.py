@@ -17,9 +17,10 @@ weight decay 5e-4, ``0.1 CE + 0.9 KD`` at T=4. The three modes above, plus ``tor
 ``DistillationBox`` (its ``KDLoss`` with alpha 0.1, T=4, the same optimizer) training a student of the same
 architecture and initial weights from the same teacher on the same examples in batches of the same size, in
 its own epoch loop (``pre_epoch_process``, ``forward_process``, ``post_forward_process`` and ``loss.item()`` per
-batch as its example script logs it, ``post_epoch_process``). torchdistill is a benchmark dependency only:
-``pip install --no-deps torchdistill==1.1.5`` (and a torchvision that matches the installed torch). Without it
-the case runs without the ``torchdistill`` mode and says so. ``--precisions fp32 bf16 fp16`` also measures KD
+batch as its example script logs it, ``post_epoch_process``). torchdistill is a benchmark dependency only, kept
+out of kdray's environment: ``pip install --no-deps --target DIR torchdistill==1.1.5 torchvision==0.28.0`` (the
+torchvision of torch 2.13) and ``PYTHONPATH=.:DIR`` for this script (see BENCHMARKS.md). Without it the case runs
+without the ``torchdistill`` mode and says so. ``--precisions fp32 bf16 fp16`` also measures KD
 from the cache in each precision (``train.precision``; samples per second), where the device can.
 
 The time per epoch is the median of the epochs' time (kdray: ``epoch_time_s``, training pass plus validation,
@@ -302,7 +303,7 @@ def cifar_case(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     if get_box is not None:
         runners["torchdistill"] = lambda: torchdistill_epoch_seconds(get_box, kd, prep, device)
     else:
-        log("torchdistill is not installed: its mode is left out (pip install --no-deps torchdistill)")
+        log("torchdistill is not importable: its mode is left out (see the docstring: --target DIR and PYTHONPATH)")
     med = interleaved(runners, args.reps)
     out = {
         "teacher_flops": t_flops, "student_flops": s_flops, "flops_ratio": round(t_flops / s_flops, 1),

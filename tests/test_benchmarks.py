@@ -1,4 +1,4 @@
-"""The benchmark scripts of issue 7 run end to end in a tiny mode and end with a JSON summary line.
+"""The benchmark scripts (issues 7 and 17) run end to end in a tiny mode and end with a JSON summary line.
 
 Each script runs as a real subprocess (as a user runs it) on tiny data, a few epochs, one seed; what is
 checked is that it finishes, that its last stdout line is a JSON object with the expected keys, and the
@@ -133,3 +133,23 @@ def test_teacher_pass_tiny():
     for teacher in ("cnn", "lm"):
         assert out["ray_data"][teacher]["equal_to_in_process"] is True
         assert out["ray_data"][teacher]["speedup_2v1"] > 0
+
+
+def test_teacher_cache_tiny():
+    out = run_script("teacher_cache.py", "--tiny", "--precisions", "fp32", "bf16", "fp16")
+    assert out["tiny"] is True and out["machine"]["device"] == "cpu" and out["machine"]["date"]
+    for case in ("mnist1d", "cifar"):
+        r = out[case]
+        assert all(r[f"{m}_epoch_s"] > 0 for m in ("hard", "kd_cached", "kd_live"))
+        assert abs(r["ratio_kd_cached_over_hard"] / (r["kd_cached_epoch_s"] / r["hard_epoch_s"]) - 1) < 0.01
+    cifar = out["cifar"]
+    assert cifar["examples_train"] == cifar["batches"] * cifar["batch_size"]
+    assert cifar["flops_ratio"] > 5  # resnet32x4 over resnet8x4 on 32x32 inputs (about 6x)
+    assert cifar["cache_bytes_per_example"] > 400  # 100 float32 logits per example
+    precisions = cifar["precisions"]
+    assert precisions["fp32"]["kd_cached_epoch_s"] == cifar["kd_cached_epoch_s"]
+    assert precisions["bf16"]["samples_per_s"] > 0 and "CUDA" in precisions["fp16"]["skipped"]
+    if cifar["torchdistill"] != "not installed":  # a benchmark-only dependency (see BENCHMARKS.md)
+        assert cifar["torchdistill_epoch_s"] > 0
+        ratio = cifar["kd_cached_epoch_s"] / cifar["torchdistill_epoch_s"]
+        assert abs(cifar["ratio_kd_cached_over_torchdistill"] / ratio - 1) < 0.01

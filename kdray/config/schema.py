@@ -64,6 +64,10 @@ class TrainConfig(Strict):
     device: str = "auto"
     max_grad_norm: Optional[float] = Field(None, gt=0)
     progress: bool = True
+    # the student's forward and loss terms under autocast in this dtype (fp16 adds a gradient scaler); the
+    # device must support it (checked before any work: kdray.core.train.check_precision)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False  # torch.compile the student for the epoch loop (hooks on it still work)
 
     @field_validator("device")
     @classmethod
@@ -71,6 +75,12 @@ class TrainConfig(Strict):
         if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
             return v
         raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+
+    def result_fields(self) -> dict[str, Any]:
+        """The fields that decide what training produces (a teacher recipe's cache key): not ``progress`` or
+        ``compile``, and ``precision`` only when not fp32 (so keys made before it existed still hold)."""
+        skip = {"progress", "compile"} | ({"precision"} if self.precision == "fp32" else set())
+        return self.model_dump(mode="json", exclude=skip)
 
 
 class TeacherRecipe(Strict):

@@ -14,7 +14,7 @@ from kdray.core.hooks import FeatureHooks
 from kdray.core.probes import Probe, ProbeReport, ProbeSpec
 from kdray.core.probes import accuracy as probe_accuracy
 from kdray.core.probes import fit_probe
-from kdray.core.train import TeacherOutputs
+from kdray.core.train import TeacherOutputs, in_model_dtype
 from kdray.errors import ConfigError
 
 log = logging.getLogger("kdray")
@@ -61,15 +61,16 @@ class TeacherEnsemble(nn.Module):
         return mix_logits([m(x) for m in self.children()], self.weights, self.temperature)
 
 
-@torch.no_grad()
 def teacher_pass(model: nn.Module, x: torch.Tensor, layers: list[str], batch_size: int) -> tuple[torch.Tensor, dict]:
-    """Logits and hooked outputs of a frozen teacher for all of ``x`` (eval mode, no grad)."""
+    """Logits and hooked outputs of a frozen teacher for all of ``x`` (eval mode, ``torch.inference_mode``, the
+    inputs in the teacher's dtype). The batches are joined outside inference mode: the results are ordinary
+    tensors (a probe can be fitted on them)."""
     feats: dict[str, list[torch.Tensor]] = {p: [] for p in layers}
     logits = []
     model.eval()
-    with FeatureHooks(model, layers) as hooks:
+    with FeatureHooks(model, layers) as hooks, torch.inference_mode():
         for i in range(0, len(x), batch_size):
-            logits.append(model(x[i:i + batch_size]))
+            logits.append(model(in_model_dtype(model, x[i:i + batch_size])))
             for p in layers:
                 feats[p].append(hooks.outputs[p])
     cat = lambda xs: torch.cat(xs) if xs else torch.empty(0)  # noqa: E731

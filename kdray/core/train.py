@@ -12,6 +12,7 @@ process or as a Ray Train worker.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -27,7 +28,7 @@ from kdray.config import DistillConfig, OptimConfig, TrainConfig
 from kdray.core.checkpoint import restore_training_state, training_state
 from kdray.core.hooks import FeatureHooks
 from kdray.core.methods import Signals, build_terms, kd_loss, labelled_ce
-from kdray.errors import DivergedError
+from kdray.core.step import LossSums, autocast, check_compile, check_precision, compiled, rows_to
 
 # --------------------------------------------------------------------------------------------------
 # small helpers
@@ -60,14 +61,23 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _e: 1.0)
 
 
-@torch.no_grad()
+def in_model_dtype(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype of ``model``'s parameters when both are floating point (a bfloat16 teacher gets bfloat16
+    inputs), else as it is."""
+    dtype = next((p.dtype for p in model.parameters()), None)
+    return x.to(dtype) if dtype is not None and dtype.is_floating_point and x.is_floating_point() else x
+
+
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Logits for all of ``x`` in eval mode (restores the train/eval mode afterwards)."""
+    """Logits for all of ``x`` in eval mode, under ``torch.inference_mode`` with inputs in the model's dtype
+    (restores the train/eval mode afterwards). The batches are joined outside inference mode, so the result is
+    an ordinary tensor."""
     was = model.training
     model.eval()
     try:
-        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else \
-            torch.empty(0)
+        with torch.inference_mode():
+            parts = [model(in_model_dtype(model, x[i:i + batch_size])) for i in range(0, len(x), batch_size)]
+        return torch.cat(parts) if parts else torch.empty(0)
     finally:
         model.train(was)
 
@@ -143,19 +153,30 @@ class Distiller(nn.Module):
         self._hooks.__exit__(None, None, None)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, t: TeacherOutputs):
+        """Under autocast the student runs in low precision; the terms get every signal in float32 (softmax, KL
+        and the feature losses in float32; a no-op in fp32)."""
         logits = self.student(x)
         parts: dict[str, torch.Tensor] = {}
-        ce = labelled_ce(logits, y)
+        ce = labelled_ce(logits.float(), y)
         parts["ce"] = ce
         total = self.ce_weight * ce
-        sig = Signals(student_logits=logits, teacher_logits=t.logits,
-                      student_features=dict(self._hooks.outputs), teacher_features=t.features,
-                      probe_logits=t.probe_logits, labels=y)
+        sig = Signals(student_logits=logits.float(), teacher_logits=_f32(t.logits),
+                      student_features=_all_f32(self._hooks.outputs), teacher_features=_all_f32(t.features),
+                      probe_logits=_all_f32(t.probe_logits), labels=y)
         for name, w, m in zip(self.names, self.weights, self.terms):
             value = m(sig)
             parts[name] = value
             total = total + w * value
         return total, parts, logits
+
+
+def _f32(v: Any) -> Any:
+    """A floating-point tensor in float32 (the same tensor when it already is); anything else as it is."""
+    return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+
+def _all_f32(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _f32(v) for k, v in values.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,9 +226,11 @@ EpochCallback = Callable[[dict[str, float], Callable[[], dict[str, Any]]], None]
 
 class Trainer:
     """The epoch loop in named steps, mdistiller's ``train -> train_epoch -> train_iter``: :meth:`fit` runs
-    :meth:`train_epoch` for every epoch, which runs :meth:`train_batch` on every batch of this rank's shard
-    (:meth:`check_finite` on its losses); :meth:`evaluate` measures the epoch and :meth:`end_epoch` reports it
-    to the progress bar and the callbacks. A variant overrides one step. See :func:`fit` for the arguments."""
+    :meth:`train_epoch` for every epoch, which runs :meth:`train_batch` (forward under :meth:`autocast`, then
+    :meth:`step`) on every batch of this rank's shard and keeps its losses on the device (:class:`LossSums`, whose
+    divergence check is read every :attr:`check_every` batches); :meth:`evaluate` measures the epoch and
+    :meth:`end_epoch` reports it to the progress bar and the callbacks. A variant overrides one step. See
+    :func:`fit` for the arguments."""
 
     def __init__(self, distiller: Distiller, data: Data, train: TrainConfig, *, seed: int,
                  teacher: Optional[TeacherSignal] = None, online_teacher: Optional[nn.Module] = None,
@@ -219,6 +242,9 @@ class Trainer:
         self.callbacks, self.rank, self.world_size, self.progress = callbacks, rank, world_size, progress
         self.module = module or distiller
         self.device = next(distiller.parameters()).device
+        check_precision(train.precision, self.device)
+        check_compile(train.compile, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
         self.params = [p for p in distiller.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.params, train.optimizer)
         self.sched = make_scheduler(self.opt, train.optimizer, train.epochs)
@@ -244,68 +270,79 @@ class Trainer:
     # the steps
 
     def fit(self) -> FitResult:
+        """Every epoch from ``first_epoch`` on (the student compiled meanwhile when ``train.compile``)."""
         stopped = False
-        for epoch in range(self.first_epoch, self.train.epochs + 1):
-            t0 = time.perf_counter()
-            losses = self.train_epoch(epoch)
-            metrics = {"epoch": epoch, **losses, **self.evaluate(epoch, t0)}
-            if not self.end_epoch(epoch, metrics):
-                stopped = True
-                break
+        with compiled(self.distiller.student, self.train.compile):
+            for epoch in range(self.first_epoch, self.train.epochs + 1):
+                t0 = time.perf_counter()
+                losses = self.train_epoch(epoch)
+                metrics = {"epoch": epoch, **losses, **self.evaluate(epoch, t0)}
+                if not self.end_epoch(epoch, metrics):
+                    stopped = True
+                    break
         return FitResult(self.history, stopped, self.state(self.history[-1]["epoch"] if self.history else 0))
+
+    check_every = 32  # batches between two reads of the divergence check (and one at the end of the epoch)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over this rank's shard of a seeded permutation (the same on every rank), then the LR
-        schedule's step; the mean of each loss (``loss``, ``loss_<part>``)."""
+        schedule's step; the mean of each loss (``loss``, ``loss_<part>``). The losses stay on the device
+        (:class:`LossSums`); the divergence check reads them every :attr:`check_every` batches and at the end."""
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)  # same on every rank
         order = torch.randperm(len(self.data.x_train), generator=gen)
         order = order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
-        sums: dict[str, float] = {}
-        batches = 0
+        sums = LossSums()
         self.distiller.train()
         if self.online_teacher is not None:
             self.online_teacher.train()
         for start in range(0, self.per_rank, self.data.batch_size):
-            values = self.train_batch(order[start:start + self.data.batch_size], gen)
-            self.check_finite(epoch, values)
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            batches += 1
+            sums.add(self.train_batch(order[start:start + self.data.batch_size], gen))
+            if sums.batches % self.check_every == 0:
+                sums.check(epoch)
+        sums.check(epoch)
         self.sched.step()
-        return {("loss" if k == "loss" else f"loss_{k}"): v / max(batches, 1) for k, v in sums.items()}
+        return sums.means()
 
-    def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
-        """One optimiser step on the examples ``idx`` (and the online teacher's); the batch's loss values."""
-        x = self.data.x_train[idx].to(self.device, non_blocking=True)
-        y = self.data.y_train[idx].to(self.device, non_blocking=True)
+    def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """One optimiser step on the examples ``idx`` (and the online teacher's); the batch's loss parts and
+        ``loss``, on the device (:class:`LossSums` detaches them)."""
+        x, y = rows_to(self.data.x_train, idx, self.device), rows_to(self.data.y_train, idx, self.device)
         if self.data.augment is not None:
             x = self.data.augment(x, gen)
         t_out = self.teacher.outputs(idx, x) if self.teacher is not None else TeacherOutputs(None)
-        loss, parts, s_logits = self.module(x, y, t_out)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.train.max_grad_norm:
-            nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
-        self.opt.step()
+        with self.autocast():
+            loss, parts, s_logits = self.module(x, y, t_out)
+        self.step(self.opt, loss, self.params, self.train.max_grad_norm)
         if self.online_teacher is not None:
-            parts["teacher"] = _online_teacher_step(self.online_teacher, self.t_opt, x, y, s_logits.detach(),
-                                                    self.distiller)
-        values = {k: float(v.detach()) for k, v in parts.items()}
-        values["loss"] = float(loss.detach())
-        return values
+            with self.autocast():
+                t_loss = online_teacher_loss(self.online_teacher, x, y, s_logits.detach(), self.distiller)
+            parts["teacher"] = t_loss
+            self.step(self.t_opt, t_loss, [])
+        self.scaler.update()
+        return {**parts, "loss": loss}
 
-    def check_finite(self, epoch: int, values: dict[str, float]) -> None:
-        """The divergence check: a DivergedError naming the first loss that is inf or nan."""
-        for k, v in values.items():
-            if not math.isfinite(v):
-                raise DivergedError(epoch, k, v)
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward passes' autocast of ``train.precision`` (none for fp32)."""
+        return autocast(self.train.precision, self.device)
+
+    def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[nn.Parameter],
+             max_norm: Optional[float] = None) -> None:
+        """Backward and one step of ``opt`` through the gradient scaler (a pass-through unless fp16), gradients
+        of ``params`` clipped to ``max_norm`` when given."""
+        opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if max_norm:
+            self.scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(params, max_norm)
+        self.scaler.step(opt)
 
     def evaluate(self, epoch: int, t0: float) -> dict[str, float]:
-        """Validation accuracy, loss and agreement with the teacher; the epoch's time (since ``t0``, a
-        ``time.perf_counter()``), throughput
-        and LR; on the last epoch the test metrics when the data has a test split."""
+        """Validation accuracy, loss and agreement with the teacher (the student under the training's autocast);
+        the epoch's time (since ``t0``, a ``time.perf_counter()``), throughput and LR; on the last epoch the test
+        metrics when the data has a test split."""
         data, device = self.data, self.device
-        val_logits = predict(self.distiller.student, data.x_val.to(device), data.eval_batch_size)
+        with self.autocast():
+            val_logits = predict(self.distiller.student, data.x_val.to(device), data.eval_batch_size).float()
         y_val = data.y_val.to(device)
         metrics = {"val_acc": accuracy(val_logits, y_val),
                    "val_loss": F.cross_entropy(val_logits, y_val).item() if len(data.y_val) else math.nan}
@@ -357,11 +394,8 @@ def mutual_learning_loss(t_logits: torch.Tensor, y: torch.Tensor, s_logits: torc
     return labelled_ce(t_logits, y) + kd_loss(t_logits, s_logits, T)
 
 
-def _online_teacher_step(teacher: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                         s_logits: torch.Tensor, distiller: Distiller) -> torch.Tensor:
-    """Deep mutual learning: the teacher learns from the labels and from the student's soft outputs."""
-    loss = mutual_learning_loss(teacher(x), y, s_logits, distiller.online_temperature())
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.detach()
+def online_teacher_loss(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, s_logits: torch.Tensor,
+                        distiller: Distiller) -> torch.Tensor:
+    """Deep mutual learning: the online teacher's loss on ``x`` from the labels and the student's (detached) soft
+    outputs, at the temperature of the distiller's logit terms; logits in float32."""
+    return mutual_learning_loss(teacher(x).float(), y, s_logits.float(), distiller.online_temperature())

@@ -12,12 +12,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from kdray.config import ExperimentConfig
+from kdray.config import ExperimentConfig, TrainConfig
 from kdray.core.bundle import DataBundle
 from kdray.core.hooks import check_paths, inputs_for, output_shapes
 from kdray.core.methods import LOGITS, METHODS
 from kdray.core.signals import probe_specs
-from kdray.core.train import Distiller
+from kdray.core.step import check_compile, check_precision
+from kdray.core.train import Distiller, resolve_device
 from kdray.data import make_bundle
 from kdray.errors import ConfigError, first_line
 from kdray.experiment.teachers import ensemble_architecture
@@ -165,13 +166,20 @@ def check_experiment(cfg: ExperimentConfig) -> None:
 
 
 def check_devices(cfg: ExperimentConfig, student: bool = True) -> None:
-    """The student's device (unless a search gives its trials GPUs this machine may lack) and every teacher
-    recipe's device (teachers are trained here)."""
+    """The student's device and precision (unless a search gives its trials GPUs this machine may lack) and
+    every teacher recipe's (teachers are trained here)."""
     if student:
-        check_device(cfg.train.device, "train.device")
+        check_train_device(cfg.train, "train")
     for where, t in teacher_sections(cfg):
         if t.recipe is not None:
-            check_device(t.recipe.train.device, f"{where}.recipe.train.device")
+            check_train_device(t.recipe.train, f"{where}.recipe.train")
+
+
+def check_train_device(train: TrainConfig, field: str) -> None:
+    """``train.device`` exists here and can train in ``train.precision`` (and compile the model if asked)."""
+    check_device(train.device, f"{field}.device")
+    check_precision(train.precision, resolve_device(train.device), f"{field}.precision")
+    check_compile(train.compile, resolve_device(train.device), f"{field}.compile")
 
 
 def check_data(cfg: ExperimentConfig) -> DataBundle:

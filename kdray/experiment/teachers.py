@@ -60,7 +60,7 @@ def recipe_key(cfg: ExperimentConfig) -> str:
     assert cfg.teacher is not None and cfg.teacher.recipe is not None
     recipe = cfg.teacher.recipe
     data = recipe.data or cfg.data.model_copy(update={"label_fraction": 1.0, "augment": False})
-    return stable_hash({"model": cfg.teacher.model.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json", exclude={"progress"}),
+    return stable_hash({"model": cfg.teacher.model.model_dump(mode="json"), "train": recipe.train.result_fields(),
                         "data": data.model_dump(mode="json"), "seed": recipe.seed, "format": CHECKPOINT_FORMAT})
 
 

@@ -300,6 +300,7 @@ def test_train_distils_a_bert_student_on_its_own_tokens(world, tmp_path, term, c
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0 <= summary["test_acc"] <= 1 and summary["teacher"]["teacher_classes"] == 4
     assert "teacher_test_acc" in summary["teacher"]
+    assert summary["data"]["dropped"] == {"train": 0, "test": 0} and summary["data"]["two_views"] is True
     if term["method"] == "probe_kd":
         assert summary["probes"][0]["layer"] == "model.model.layers.2"
 

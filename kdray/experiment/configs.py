@@ -54,13 +54,23 @@ def absolute_paths(raw: Any, at: tuple[str, ...] = ()) -> Any:
 
 
 def default_tokenizer(cfg: ExperimentConfig) -> None:
-    """A multiple-choice data set's teacher view is tokenised by the teacher's own tokenizer unless the config
-    names one (``data.params.teacher_tokenizer``)."""
-    if cfg.data.name != "multiple_choice" or cfg.data.params.get("teacher_tokenizer") or cfg.teacher is None:
+    """A multiple-choice data set and its language models agree on their tokenizers: the teacher's prompts are
+    tokenised by the teacher's own tokenizer unless the config names one (``data.params.teacher_tokenizer``), and
+    an ``hf_causal_lm`` reads its answer tokens from the tokenizer of the view it reads (the teacher's, or the
+    student's ``student_tokenizer``), unless its ``kwargs.tokenizer`` says otherwise."""
+    if cfg.data.name != "multiple_choice":
         return
-    kwargs = cfg.teacher.model.kwargs
-    if kwargs.get("tokenizer") or kwargs.get("path"):
-        cfg.data.params = {**cfg.data.params, "teacher_tokenizer": kwargs.get("tokenizer") or kwargs["path"]}
+    params = cfg.data.params
+    if not params.get("teacher_tokenizer") and cfg.teacher is not None:
+        kwargs = cfg.teacher.model.kwargs
+        if kwargs.get("tokenizer") or kwargs.get("path"):
+            params = cfg.data.params = {**params, "teacher_tokenizer": kwargs.get("tokenizer") or kwargs["path"]}
+    views = [(t.model, params.get("teacher_tokenizer")) for t in [cfg.teacher, *cfg.extra_teachers] if t is not None]
+    views.append((cfg.student, params.get("student_tokenizer") or params.get("teacher_tokenizer")))
+    for spec, tokenizer in views:
+        if spec.name == "hf_causal_lm" and tokenizer and not spec.kwargs.get("tokenizer") \
+                and tokenizer != spec.kwargs.get("path"):
+            spec.kwargs = {**spec.kwargs, "tokenizer": tokenizer}
 
 
 def check_rules(cfg: ExperimentConfig) -> None:

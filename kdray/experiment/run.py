@@ -85,6 +85,7 @@ class RunSummary:
     history: list[dict[str, float]] = field(default_factory=list)
     output_dir: Optional[str] = None
     export: dict[str, Any] = field(default_factory=dict)  # compressed variants: {"float"|"pruned"|"int8": metrics}
+    data: dict[str, Any] = field(default_factory=dict)  # what the data set says of itself (e.g. dropped questions)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,6 +115,7 @@ def run(cfg: ExperimentConfig, prep: Optional[Prepared] = None, *, callbacks: tu
                  *with_probe_accuracy(callbacks, built.probes))
     result = train_student(cfg, built, data, callbacks, start_state, rank, world_size, wrap)
     summary = summarise(cfg, built, data, result, export, teacher_info, time.perf_counter() - t0)
+    summary.data = {"name": b.name, **b.meta}
     if output_dir is not None and rank == 0:
         summary.output_dir = str(save_run(Path(output_dir), cfg, built.distiller.student, b, summary, built.int8))
     return summary

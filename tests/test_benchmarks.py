@@ -124,15 +124,13 @@ def test_llm_probe_kd_tiny(tmp_path):
 
 
 def test_teacher_pass_tiny():
-    """Issues 16 and 18: kdray's teacher pass over a decoder LM against a plain forward (the same tokens, every
-    decoder block's last-token state stored), and the Ray Data pass with 1 and 2 actors equal to the in-process one."""
-    out = run_script("teacher_pass.py", "--tiny", "--reps", "1", timeout=900)
+    """Issue 16: kdray's teacher pass over a decoder LM against a plain forward (the same tokens, every decoder
+    block's last-token state stored). (The section ``ray_data`` starts Ray and two actor pools, 90 s here: the Ray
+    Data pass it times is checked against the in-process pass in tests/test_teacher_pass.py.)"""
+    out = run_script("teacher_pass.py", "--tiny", "--reps", "1", "--sections", "lm_pass")
     lm = out["lm_pass"]
     assert lm["layers_stored"] == 4 and lm["tokens"] > lm["examples"] * 20
     assert lm["kdray_tokens_per_s"] > 0 and lm["kdray_over_plain_time"] > 0
-    for teacher in ("cnn", "lm"):
-        assert out["ray_data"][teacher]["equal_to_in_process"] is True
-        assert out["ray_data"][teacher]["speedup_2v1"] > 0
 
 
 def test_teacher_cache_tiny():

@@ -223,10 +223,10 @@ def teacher_outputs(model: nn.Module, x: torch.Tensor, request: CacheRequest, ba
             order.append(idx.numpy())
             cols["logits"].append(model(xb).float().cpu().numpy())
             for p in request.feature_layers:
-                cols[f"feat/{p}"].append(hooks.outputs[p].float().cpu().numpy().astype(dtypes[f"feat/{p}"]))
+                cols[f"feat/{p}"].append(hooks.outputs[p].float().cpu().numpy().astype(dtypes[f"feat/{p}"], copy=False))
             for p, how in request.pooled:
                 col = _pooled_column(p, how)
-                cols[col].append(pool(hooks.outputs[p], how).float().cpu().numpy().astype(dtypes[col]))
+                cols[col].append(pool(hooks.outputs[p], how).float().cpu().numpy().astype(dtypes[col], copy=False))
     where = np.argsort(np.concatenate(order)) if order else np.zeros((0,), np.int64)
     return {k: np.concatenate(parts)[where] if parts else np.zeros((0,), dtypes[k]) for k, parts in cols.items()}
 

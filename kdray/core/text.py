@@ -7,12 +7,15 @@
   :data:`ANSWER_CUE`; the answer token of letter ``L`` is the one token that follows the cue when ``" L"`` (or
   ``"L"``) is appended (:func:`answer_token_ids`).
 * :func:`length_batches` groups rows of similar length so a batch wastes little on padding.
+* :func:`load_tokenizer` is the one way data sets and models load a Hugging Face tokenizer.
 """
 from __future__ import annotations
 
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
+
+from kdray.errors import ConfigError
 
 PAD = -1
 CHOICE_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -70,6 +73,19 @@ def length_batches(x: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Ten
         yield idx, x[idx, :max(int(lengths[idx].max()), 1)]
 
 
+def load_tokenizer(path: str, field: str) -> Any:
+    """``AutoTokenizer.from_pretrained(path)``; a missing ``transformers`` or a folder or hub name it cannot load is
+    a ConfigError on ``field``."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(field, path, "pip install 'kdray[hf]' (needs the optional transformers package)") from None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(field, path, f"a tokenizer folder or hub name transformers can load ({e})") from None
+
+
 # --------------------------------------------------------------------------------------------------
 # answer tokens
 
@@ -93,7 +109,8 @@ def answer_token_ids(tokenizer: Any, num_choices: int, cue: str = ANSWER_CUE) ->
         if tid is None:
             tid = single_token_after(tokenizer, cue, letter)
         if tid is None:
-            pieces = tokenizer.convert_ids_to_tokens(tokenizer(cue + " " + letter, add_special_tokens=False)["input_ids"])
+            ids_read = tokenizer(cue + " " + letter, add_special_tokens=False)["input_ids"]
+            pieces = tokenizer.convert_ids_to_tokens(ids_read)
             raise ValueError(f"choice label {letter!r} is not one token after {cue!r} for this tokenizer (it reads "
                              f"{pieces}): give answer_tokens, {num_choices} strings that are each one token, or ids")
         ids.append(tid)

@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 
 from kdray.config import DataConfig
+from kdray.core.text import load_tokenizer
 from kdray.data.registry import Params, RawData, register_dataset
 from kdray.errors import ConfigError
 
@@ -47,7 +48,7 @@ def _tokenise(tokenizer: Any, texts: list[str], max_length: int, pad_id: int) ->
                   root_hint="a folder written by datasets' save_to_disk (or set params.hub_name)")
 def hf_text(cfg: DataConfig, cache_dir: str | None = None) -> RawData:
     p = HFTextParams.model_validate(cfg.params)
-    ds_lib, tf = _hf_imports()
+    ds_lib, _ = _hf_imports()  # both packages, checked up front
     try:
         if p.hub_name is not None:
             ds = ds_lib.load_dataset(p.hub_name, cache_dir=cfg.root)
@@ -67,10 +68,7 @@ def hf_text(cfg: DataConfig, cache_dir: str | None = None) -> RawData:
     for key, col in (("text_field", p.text_field), ("label_field", p.label_field)):
         if col not in train.column_names:
             raise ConfigError(f"data.params.{key}", col, "one of the columns " + ", ".join(train.column_names))
-    try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(p.tokenizer)
-    except (OSError, ValueError) as e:
-        raise ConfigError("data.params.tokenizer", p.tokenizer, f"a tokenizer folder or hub name ({e})") from None
+    tokenizer = load_tokenizer(p.tokenizer, "data.params.tokenizer")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     feature = train.features.get(p.label_field)

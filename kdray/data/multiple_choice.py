@@ -24,7 +24,7 @@ import torch
 from pydantic import Field, field_validator
 
 from kdray.config import DataConfig
-from kdray.core.text import ANSWER_CUE, CHOICE_LETTERS, pad_rows
+from kdray.core.text import ANSWER_CUE, CHOICE_LETTERS, load_tokenizer, pad_rows
 from kdray.data.mc_files import FORMATS, Fields, Question, normalise, read_split
 from kdray.data.registry import Params, RawData, register_dataset
 from kdray.errors import ConfigError
@@ -65,14 +65,7 @@ class MultipleChoiceParams(Params):
 
 
 def _load_tokenizer(path: str, key: str) -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError("data.name", "multiple_choice", "pip install 'kdray[hf]' (needs transformers)") from None
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"data.params.{key}", path, f"a tokenizer folder or hub name ({e})") from None
+    tok = load_tokenizer(path, f"data.params.{key}")
     tok.truncation_side = "left"  # keep the choices and the answer cue
     return tok
 

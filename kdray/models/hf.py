@@ -61,15 +61,19 @@ def load_pretrained(auto_class: Any, path: str, config_only: bool, **kwargs: Any
 
 class FolderWeights(nn.Module):
     """A wrapped Hugging Face model whose weights are those of its folder until something else is loaded into it
-    or it is trained (then :meth:`forget_fingerprint`): :meth:`weights_fingerprint` is the folder's, or None."""
+    or it is trained (then :meth:`forget_fingerprint`): :meth:`weights_fingerprint` is the folder's (hashed when
+    first asked, so a model that never keys a teacher cache, e.g. a student, costs no hashing), or None."""
 
+    _origin: Optional[tuple] = None  # (folder, facts that change the outputs) the weights came from
     _fingerprint: Optional[str] = None
 
     def weights_fingerprint(self) -> Optional[str]:
+        if self._fingerprint is None and self._origin is not None:
+            self._fingerprint = local_fingerprint(*self._origin)
         return self._fingerprint
 
     def forget_fingerprint(self) -> None:
-        self._fingerprint = None
+        self._origin = self._fingerprint = None
 
     def load_state_dict(self, *args: Any, **kwargs: Any):
         self.forget_fingerprint()
@@ -80,11 +84,11 @@ class HFSequenceClassifier(FolderWeights):
     """``forward(input_ids)`` -> logits; the attention mask marks real tokens: not kdray's padding (-1) and not
     ``pad_token_id``."""
 
-    def __init__(self, model: nn.Module, pad_token_id: int = 0, fingerprint: Optional[str] = None):
+    def __init__(self, model: nn.Module, pad_token_id: int = 0, origin: Optional[tuple] = None):
         super().__init__()
         self.model = model
         self.pad_token_id = int(pad_token_id)
-        self._fingerprint = fingerprint
+        self._origin = origin
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         input_ids = input_ids.long()
@@ -106,8 +110,7 @@ def hf_sequence_classifier(num_classes: int, *, path: str, config_only: bool = F
     if pad_token_id is None:
         pad_token_id = getattr(model.config, "pad_token_id", None)
         pad_token_id = 0 if pad_token_id is None else pad_token_id
-    fingerprint = None if config_only else local_fingerprint(path, num_classes, pad_token_id)
-    return HFSequenceClassifier(model, pad_token_id, fingerprint)
+    return HFSequenceClassifier(model, pad_token_id, None if config_only else (path, num_classes, pad_token_id))
 
 
 hf_sequence_classifier.loads_weights = loads_own_weights  # type: ignore[attr-defined]

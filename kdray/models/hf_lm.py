@@ -15,9 +15,9 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import nn
 
-from kdray.core.text import answer_token_ids, left_align, positions, token_mask
+from kdray.core.text import answer_token_ids, left_align, load_tokenizer, positions, token_mask
 from kdray.errors import ConfigError
-from kdray.models.hf import FolderWeights, import_transformers, load_pretrained, local_fingerprint, loads_own_weights
+from kdray.models.hf import FolderWeights, import_transformers, load_pretrained, loads_own_weights
 from kdray.models.registry import MODELS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,11 +28,11 @@ class HFCausalLM(FolderWeights):
 
     cache_pooled_dtype = "float16"  # the teacher cache keeps its pooled hidden states in float16 by default
 
-    def __init__(self, model: nn.Module, answer_ids: list[int], fingerprint: Optional[str] = None):
+    def __init__(self, model: nn.Module, answer_ids: list[int], origin: Optional[tuple] = None):
         super().__init__()
         self.model = model
         self.register_buffer("answer_ids", torch.tensor(answer_ids, dtype=torch.long), persistent=False)
-        self._fingerprint = fingerprint
+        self._origin = origin
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.long()
@@ -46,13 +46,6 @@ class HFCausalLM(FolderWeights):
         blocks = max((m for m in self.model.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
         names = {id(m): n for n, m in self.named_modules()}
         return [names[id(b)] for b in blocks] if blocks is not None else []
-
-
-def _tokenizer(tf: Any, path: str, field: str) -> Any:
-    try:
-        return tf.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(field, path, f"a folder or hub name with a tokenizer transformers can load ({e})") from None
 
 
 def resolve_answer_ids(tokenizer: Any, num_classes: int, answer_tokens: Optional[list], vocab: int) -> list[int]:
@@ -91,12 +84,11 @@ def hf_causal_lm(num_classes: int, *, path: str, dtype: Literal["float32", "bflo
     tf = import_transformers("hf_causal_lm")
     if dtype not in DTYPES:
         raise ConfigError("kwargs.dtype", dtype, "one of " + ", ".join(DTYPES))
-    tok = _tokenizer(tf, tokenizer or path, "kwargs.tokenizer" if tokenizer else "kwargs.path")
+    tok = load_tokenizer(tokenizer or path, "kwargs.tokenizer" if tokenizer else "kwargs.path")
     model = load_pretrained(tf.AutoModelForCausalLM, path, config_only, dtype=DTYPES[dtype])
     vocab = model.get_input_embeddings().num_embeddings
     ids = resolve_answer_ids(tok, num_classes, answer_tokens, vocab)
-    fingerprint = None if config_only else local_fingerprint(path, dtype, ids)
-    return HFCausalLM(model, ids, fingerprint)
+    return HFCausalLM(model, ids, None if config_only else (path, dtype, ids))
 
 
 hf_causal_lm.loads_weights = loads_own_weights  # type: ignore[attr-defined]

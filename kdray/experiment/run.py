@@ -38,7 +38,8 @@ from kdray.data import make_bundle
 from kdray.errors import ConfigError, KdrayError
 from kdray.experiment.configs import parse_config
 from kdray.experiment.preflight import check_data, check_devices, check_experiment, check_forward, check_teacher_sources
-from kdray.experiment.teacher_signal import Built, Prepared, build, cache_info, cache_request, pooled_dtype
+from kdray.experiment.teacher_signal import (Built, Prepared, build, cache_info, cache_request, pooled_dtype,
+                                             uses_cache)
 from kdray.experiment.teachers import ensemble_architecture, ensemble_mix, get_teachers
 from kdray.models import build_model, count_parameters
 
@@ -62,11 +63,6 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         if info["teacher_classes"] == bundle.num_classes and not uses_cache(cfg, bundle):
             info["teacher_test_acc"] = accuracy(predict(teacher, x_test, cfg.data.eval_batch_size), bundle.y_test)
     return Prepared(bundle, teacher, info)
-
-
-def uses_cache(cfg: ExperimentConfig, bundle: DataBundle) -> bool:
-    """Whether runs of ``cfg`` read the teacher from the teacher cache (offline, inputs not augmented, cache on)."""
-    return cfg.distill.scheme == "offline" and bundle.augment is None and cfg.teacher_cache.enabled
 
 
 @dataclass

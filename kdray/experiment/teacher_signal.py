@@ -61,8 +61,7 @@ def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
     eval_bs = cfg.data.eval_batch_size
     same_classes = prep.teacher_info.get("teacher_classes") == b.num_classes
     specs = probe_specs(distiller.terms)
-    if cfg.distill.scheme == "offline" and b.augment is None and cfg.teacher_cache.enabled and \
-            (req := cache_request([cfg], prep, t_example)) is not None:
+    if uses_cache(cfg, b) and (req := cache_request([cfg], prep, t_example)) is not None:
         cache = usable_cache(cfg, prep, req, device)
         signal, reports = cached_signal(cache, distiller, specs, teacher)
         val_pred, test_pred = [cached_logits(cache, s, teacher).argmax(1)
@@ -98,6 +97,11 @@ def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
 
 # --------------------------------------------------------------------------------------------------
 # the teacher cache (kdray.core.cache) as the teacher signal
+
+
+def uses_cache(cfg: ExperimentConfig, bundle: DataBundle) -> bool:
+    """Whether runs of ``cfg`` read the teacher from the teacher cache (offline, inputs not augmented, cache on)."""
+    return cfg.distill.scheme == "offline" and bundle.augment is None and cfg.teacher_cache.enabled
 
 
 def feature_layers(terms: Iterable[Any]) -> list[str]:

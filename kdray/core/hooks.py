@@ -163,18 +163,28 @@ class LayerInfo:
 @torch.no_grad()
 def list_layers(model: nn.Module, example: torch.Tensor, which: str = "model") -> list[LayerInfo]:
     """Every module path of ``model`` (in definition order) with its output shape on ``example`` (one batch) and
-    its place in the forward."""
+    its place in the forward. Only the shapes are kept, never the outputs (a large teacher's every-module outputs
+    would take many times its blocks' memory)."""
     paths = module_paths(model)
-    with FeatureHooks(model, paths) as hooks:
-        _eval_forward(model, example)
     modules = dict(model.named_modules())
-    order = {p: i for i, p in enumerate(hooks.outputs)}  # filled as the outputs came
-    out = []
-    for p in paths:
-        t = hooks.outputs.get(p)
-        out.append(LayerInfo(which, p, type(modules[p]).__name__, tuple(t.shape) if t is not None else None,
-                             sum(x.numel() for x in modules[p].parameters()), order.get(p)))
-    return out
+    shapes: dict[str, Optional[tuple[int, ...]]] = {}  # filled as the outputs come: the forward's order
+
+    def keep_shape(path: str):
+        def hook(_module: nn.Module, _inp: Any, out: Any) -> None:
+            t = first_tensor(out)
+            shapes.setdefault(path, tuple(t.shape) if t is not None else None)
+
+        return hook
+
+    handles = [modules[p].register_forward_hook(keep_shape(p)) for p in paths]
+    try:
+        _eval_forward(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    order = {p: i for i, p in enumerate(shapes)}
+    return [LayerInfo(which, p, type(modules[p]).__name__, shapes.get(p),
+                      sum(x.numel() for x in modules[p].parameters()), order.get(p)) for p in paths]
 
 
 def module_order(model: nn.Module) -> dict[str, int]:

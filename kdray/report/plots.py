@@ -291,7 +291,7 @@ def probe_layers_figure(probes: list[dict], teacher_acc: Optional[float], title:
     ticks, prefix = layer_labels([p["layer"] for p in probes])
     long = len(xs) > 12 or max((len(t) for t in ticks), default=0) > 6
     ax.set_xticks(xs, ticks, rotation=90 if long else 0, fontsize=7)
-    ax.set_xlabel(f"teacher layer{f' ({prefix}…)' if prefix else ''}, in forward order")
+    ax.set_xlabel(f"teacher layer{f' ({prefix}*)' if prefix else ''}, in forward order")
     ax.set_ylabel("validation accuracy")
     pooling = "/".join(dict.fromkeys(p["pooling"] for p in probes))
     ax.set_title(title or f"probe accuracy by layer ({pooling} pooling)")

@@ -133,6 +133,39 @@ def test_padded_batches_compute_every_prompt_as_it_would_be_alone(world, arch):
     assert model.probe_layers() == [f"model.model.layers.{i}" for i in range(3)]
 
 
+def padded(rows: list[list[int]], layout: str, extra: int = 3) -> torch.Tensor:
+    """Token-id rows padded with -1 on the right, on the left, or split between both sides (``mixed``: each row
+    a different split), ``extra`` pads beyond the longest row."""
+    t = max(map(len, rows)) + extra
+    out = torch.full((len(rows), t), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        room = t - len(r)
+        start = {"right": 0, "left": room, "mixed": (i * 2 + 1) % (room + 1)}[layout]
+        out[i, start:start + len(r)] = torch.tensor(r)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "mixed"])
+def test_prompts_padded_on_either_side_answer_as_each_prompt_alone(world, layout):
+    """A caller of a registered student (models:/) usually pads decoder input on the left; kdray's data sets pad on
+    the right: every layout gives each prompt the answer logits it has alone."""
+    model = qwen(world).eval()
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(world / "models" / "qwen")
+    texts = ["Question: What is 3 plus 4?\nA. 7\nB. 8\nC. 9\nD. 6\nAnswer:", "Answer:",
+             "Question: What is 12 plus 19?\nA. 30\nB. 31\nC. 29\nD. 33\nAnswer:", "What is 2 plus 2? Answer:"]
+    rows = [tok(t)["input_ids"] for t in texts]
+    batch = padded(rows, layout)
+    if layout == "mixed":
+        assert (batch[:, 0] == PAD).any() and (batch[:, -1] == PAD).any() and ((batch[:, 0] == PAD) &
+                                                                               (batch[:, -1] == PAD)).any()
+    with torch.no_grad():
+        logits = model(batch)
+        for i, r in enumerate(rows):
+            torch.testing.assert_close(logits[i], model(torch.tensor([r]))[0], atol=1e-5, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------------
 # the data
 
@@ -422,5 +455,8 @@ def test_a_causal_lm_student_answers_with_its_own_answer_tokens(world, tmp_path)
     finally:
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     assert serialization == "pickle"  # token ids of any length: torch.export would fix the example's
-    y = predict_in_fresh_process("models:/lm-student@challenger", x, uri, tmp_path)
-    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+    # the same prompts padded on the left (as callers pad decoder input) answer alike
+    rows = [[t for t in row if t != PAD] for row in x.tolist()]
+    left = padded(rows, "left", extra=x.shape[1] - max(map(len, rows))).numpy()
+    y = predict_in_fresh_process("models:/lm-student@challenger", np.concatenate([x, left]), uri, tmp_path)
+    np.testing.assert_allclose(y, np.concatenate([expected, expected]), rtol=1e-4, atol=1e-5)

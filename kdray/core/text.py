@@ -1,8 +1,9 @@
 """Token-id inputs and multiple-choice prompts, shared by the data sets that make them and the models that read them.
 
 * Padding: kdray pads token-id tensors with :data:`PAD` (-1), a value no tokenizer uses, so a model wrapper knows
-  every real token whatever the tokenizer's own pad token is (:func:`token_mask`). Rows are padded on the right;
-  a decoder-only wrapper re-lays them out on the left (:func:`left_align`), so position -1 is the last real token.
+  every real token whatever the tokenizer's own pad token is (:func:`token_mask`). kdray's data sets pad rows on
+  the right; a decoder-only wrapper re-lays any layout (right, left or mixed padding) out on the left
+  (:func:`left_align`), so position -1 is the last real token.
 * Multiple choice: choices are lettered ``A, B, C ...`` (:data:`CHOICE_LETTERS`) and a prompt ends with
   :data:`ANSWER_CUE`; the answer token of letter ``L`` is the one token that follows the cue when ``" L"`` (or
   ``"L"``) is appended (:func:`answer_token_ids`).
@@ -45,12 +46,11 @@ def token_mask(ids: torch.Tensor, pad_token_id: Optional[int] = None) -> torch.T
 
 
 def left_align(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move each row's padding to the left (order of the real tokens kept): ``(ids, mask)`` laid out so the last
-    position of every row is its last real token."""
-    n_pad = (~mask).sum(1, keepdim=True)
-    cols = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-    src = (cols - n_pad) % ids.shape[1]
-    return ids.gather(1, src), mask.gather(1, src)
+    """Move each row's padding to the left, the real tokens kept in their order: ``(ids, mask)`` laid out so the
+    last position of every row is its last real token, whatever the layout they came in (padded on the right, on
+    the left, or both). A stable sort of the mask: pads (False) first, real tokens after, each group in order."""
+    order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
+    return ids.gather(1, order), mask.gather(1, order)
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,29 @@ def test_prompts_padded_on_either_side_answer_as_each_prompt_alone(world, layout
             torch.testing.assert_close(logits[i], model(torch.tensor([r]))[0], atol=1e-5, rtol=1e-4)
 
 
+def test_a_model_folder_without_tokenizer_files_is_refused_naming_it(world, tmp_path, capsys):
+    """transformers 5 loads such a folder as an empty tokenizer; kdray refuses it (not blaming answer_tokens)."""
+    import shutil
+
+    bare = tmp_path / "weights-only"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(world / "models" / "qwen" / name, bare / name)
+    with pytest.raises(ConfigError, match="no usable tokenizer|usable tokenizer files") as e:
+        build_model(ModelSpec(name="hf_causal_lm", kwargs={"path": str(bare)}), 4, "teacher.model")
+    assert e.value.field == "teacher.model.kwargs.path" and e.value.value == str(bare)
+    assert str(bare) in e.value.allowed and "kwargs.tokenizer" in e.value.allowed
+    # the same folder with its tokenizer given loads
+    spec = ModelSpec(name="hf_causal_lm", kwargs={"path": str(bare), "tokenizer": str(world / "models" / "qwen")})
+    assert build_model(spec, 4).answer_ids.tolist() == qwen(world).answer_ids.tolist()
+    # as the teacher of a multiple-choice run: refused before any work, on the field the tokenizer came from
+    raw = config(world, **{"teacher.model.kwargs.path": str(bare)})
+    assert main(["train", write(tmp_path, raw), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "data.params.teacher_tokenizer" in err and str(bare) in err and "Traceback" not in err
+    assert "answer_tokens" not in err and not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # the data
 

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from kdray.core.hf_package import import_transformers
 from kdray.errors import ConfigError
 
 PAD = -1
@@ -73,17 +74,32 @@ def length_batches(x: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Ten
         yield idx, x[idx, :max(int(lengths[idx].max()), 1)]
 
 
+PROBE_TEXT = "Question: What is 1 plus 1?\nA. 2\nB. 3\nAnswer: A"  # any tokenizer of a text model reads this
+
+
 def load_tokenizer(path: str, field: str) -> Any:
-    """``AutoTokenizer.from_pretrained(path)``; a missing ``transformers`` or a folder or hub name it cannot load is
-    a ConfigError on ``field``."""
+    """``AutoTokenizer.from_pretrained(path)``; a missing or too old ``transformers``, a folder or hub name it cannot
+    load, or a tokenizer that reads :data:`PROBE_TEXT` as nothing or only unknown tokens (a model folder without
+    tokenizer files loads as such an empty tokenizer in ``transformers`` 5) is a ConfigError on ``field``."""
+    transformers = import_transformers(field, path)
     try:
-        import transformers
-    except ImportError:
-        raise ConfigError(field, path, "pip install 'kdray[hf]' (needs the optional transformers package)") from None
-    try:
-        return transformers.AutoTokenizer.from_pretrained(path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(field, path, f"a tokenizer folder or hub name transformers can load ({e})") from None
+    check_usable(tokenizer, path, field)
+    return tokenizer
+
+
+def check_usable(tokenizer: Any, path: str, field: str) -> None:
+    """``tokenizer`` reads :data:`PROBE_TEXT` as some token that is not its unknown token."""
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if not any(t != unknown for t in ids):
+        reads = "no tokens" if not ids else f"{len(ids)} unknown tokens"
+        raise ConfigError(field, path, f"a folder or hub name with usable tokenizer files: {path} has none (its "
+                                       f"tokenizer reads {PROBE_TEXT!r} as {reads}); give the tokenizer's folder or "
+                                       "hub name (a model's kwargs.tokenizer, or data.params.tokenizer / "
+                                       "teacher_tokenizer / student_tokenizer)")
 
 
 # --------------------------------------------------------------------------------------------------

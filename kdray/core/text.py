@@ -75,6 +75,8 @@ def length_batches(x: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Ten
 
 
 PROBE_TEXT = "Question: What is 1 plus 1?\nA. 2\nB. 3\nAnswer: A"  # any tokenizer of a text model reads this
+GIVE_TOKENIZER = ("give the tokenizer's folder or hub name (a model's kwargs.tokenizer, or data.params.tokenizer / "
+                  "teacher_tokenizer / student_tokenizer)")
 
 
 def load_tokenizer(path: str, field: str) -> Any:
@@ -85,7 +87,8 @@ def load_tokenizer(path: str, field: str) -> Any:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(field, path, f"a tokenizer folder or hub name transformers can load ({e})") from None
+        raise ConfigError(field, path, f"a folder or hub name with usable tokenizer files: transformers cannot load a "
+                                       f"tokenizer from {path} ({e}); {GIVE_TOKENIZER}") from None
     check_usable(tokenizer, path, field)
     return tokenizer
 
@@ -97,9 +100,7 @@ def check_usable(tokenizer: Any, path: str, field: str) -> None:
     if not any(t != unknown for t in ids):
         reads = "no tokens" if not ids else f"{len(ids)} unknown tokens"
         raise ConfigError(field, path, f"a folder or hub name with usable tokenizer files: {path} has none (its "
-                                       f"tokenizer reads {PROBE_TEXT!r} as {reads}); give the tokenizer's folder or "
-                                       "hub name (a model's kwargs.tokenizer, or data.params.tokenizer / "
-                                       "teacher_tokenizer / student_tokenizer)")
+                                       f"tokenizer reads {PROBE_TEXT!r} as {reads}); {GIVE_TOKENIZER}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,27 +8,29 @@ A factory that loads trained weights of its own (from a fine-tuned folder or hub
 see :mod:`kdray.core.fingerprint`) instead of hashing every weight on every run."""
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
 from kdray.config import stable_hash
 from kdray.core.fingerprint import folder_fingerprint
+from kdray.core.hf_package import import_transformers as _import_checked
 from kdray.core.text import right_align, token_mask
 from kdray.errors import ConfigError
 from kdray.models.registry import MODELS
 
-HF_INSTALL_HINT = "pip install 'kdray[hf]' (needs the optional transformers package)"
+log = logging.getLogger("kdray")
+
 
 
 def import_transformers(name: str = "hf_sequence_classifier"):
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError("model.name", name, HF_INSTALL_HINT) from None
-    return transformers
+    """``transformers``, installed and new enough (:mod:`kdray.core.hf_package`), else a ConfigError on the model's
+    name."""
+    return _import_checked("model.name", name)
 
 
 def loads_own_weights(kwargs: dict) -> bool:
@@ -54,9 +56,41 @@ def load_pretrained(auto_class: Any, path: str, config_only: bool, **kwargs: Any
             dtype = kwargs.pop("dtype", None)
             model = auto_class.from_config(tf.AutoConfig.from_pretrained(path, **kwargs))
             return model.to(dtype) if dtype is not None else model
-        return auto_class.from_pretrained(path, **kwargs)
+        with library_warnings_off(tf):
+            model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError("kwargs.path", path, f"a model folder or hub name transformers can load ({e})") from None
+    report_new_weights(model, sorted(info.get("missing_keys", ())), path)
+    return model
+
+
+@contextlib.contextmanager
+def library_warnings_off(tf: Any) -> Iterator[None]:
+    """``transformers``' own logger at ERROR for one load (its multi-line report of the weights it initialised is
+    replaced by :func:`report_new_weights`'s one line); its verbosity is restored after."""
+    verbosity = tf.utils.logging.get_verbosity()
+    tf.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tf.utils.logging.set_verbosity(verbosity)
+
+
+def report_new_weights(model: nn.Module, missing: list[str], path: str) -> None:
+    """One log line when the folder lacked some of the model's weights: a pretrained encoder without a task head
+    (e.g. saved from ``BertModel``) gets a new, untrained head, so its logits mean nothing until it is trained or
+    distilled (its hidden states, what probes read, are the pretrained ones)."""
+    if not missing:
+        return
+    base = getattr(model, "base_model_prefix", "")
+    if base and all(not k.startswith(base + ".") for k in missing):
+        head = "classification head" if "SequenceClassification" in type(model).__name__ else "task head"
+        log.info("%s: %s has no %s: a new, untrained one (%s) is added, so the model must be trained or distilled "
+                 "before its logits mean anything (its pretrained blocks are loaded)", type(model).__name__, path,
+                 head, ", ".join(missing))
+    else:
+        log.warning("%s: %d weights are not in %s and start untrained: %s", type(model).__name__, len(missing), path,
+                    ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
 
 
 class FolderWeights(nn.Module):

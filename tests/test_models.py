@@ -221,6 +221,19 @@ def test_hf_sequence_classifier_config_only(tiny_bert):
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 4)
 
 
+def test_a_smaller_student_from_the_teachers_config(tiny_bert):
+    spec = ModelSpec(name="hf_sequence_classifier", kwargs={"path": str(tiny_bert), "config_only": True,
+                                                            "config": {"num_hidden_layers": 1}})
+    model = build_model(spec, 4)
+    assert len(model.model.bert.encoder.layer) == 1 and model(torch.tensor([[1, 2, 3]])).shape == (1, 4)
+    e = _err(build_model, ModelSpec(name="hf_sequence_classifier", kwargs={
+        "path": str(tiny_bert), "config_only": True, "config": {"num_hiden_layers": 1}}), 4, "student")
+    assert e.field == "student.kwargs.config.num_hiden_layers" and "num_hidden_layers" in str(e)
+    e = _err(build_model, ModelSpec(name="hf_sequence_classifier", kwargs={
+        "path": str(tiny_bert), "config": {"num_hidden_layers": 1}}), 4, "student")
+    assert e.field == "student.kwargs.config" and "config_only" in str(e)
+
+
 def test_hf_sequence_classifier_bad_path(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

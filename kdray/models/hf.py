@@ -9,6 +9,7 @@ see :mod:`kdray.core.fingerprint`) instead of hashing every weight on every run.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -47,14 +48,19 @@ def local_fingerprint(path: str, *extra: object) -> Optional[str]:
     return stable_hash([folder_fingerprint(folder), *map(str, extra)])
 
 
-def load_pretrained(auto_class: Any, path: str, config_only: bool, **kwargs: Any) -> nn.Module:
-    """``auto_class.from_pretrained(path)``, or a random model from the folder's config; a folder or name that
-    does not load is a ConfigError on ``kwargs.path``."""
+def load_pretrained(auto_class: Any, path: str, config_only: bool, config: Optional[dict] = None,
+                    **kwargs: Any) -> nn.Module:
+    """``auto_class.from_pretrained(path)``, or a random model from the folder's config (with the values of
+    ``config`` in place of its own, e.g. fewer layers for a student); a folder or name that does not load is a
+    ConfigError on ``kwargs.path``."""
     tf = import_transformers()
+    if config and not config_only:
+        raise ConfigError("kwargs.config", config, "only with config_only: true (a randomly initialised model built "
+                                                   "from the folder's config with these values changed)")
     try:
         if config_only:
             dtype = kwargs.pop("dtype", None)
-            model = auto_class.from_config(tf.AutoConfig.from_pretrained(path, **kwargs))
+            model = auto_class.from_config(changed_config(tf.AutoConfig.from_pretrained(path, **kwargs), config or {}))
             return model.to(dtype) if dtype is not None else model
         with library_warnings_off(tf):
             model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
@@ -62,6 +68,18 @@ def load_pretrained(auto_class: Any, path: str, config_only: bool, **kwargs: Any
         raise ConfigError("kwargs.path", path, f"a model folder or hub name transformers can load ({e})") from None
     report_new_weights(model, sorted(info.get("missing_keys", ())), path)
     return model
+
+
+def changed_config(cfg: Any, values: dict) -> Any:
+    """``cfg`` with ``values`` set; a name the config does not have is refused with the closest it has."""
+    known = set(cfg.to_dict())
+    for name, value in values.items():
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=4)
+            raise ConfigError(f"kwargs.config.{name}", value, f"a field of the model's config"
+                                                              f"{' (closest: ' + ', '.join(close) + ')' if close else ''}")
+        setattr(cfg, name, value)
+    return cfg
 
 
 @contextlib.contextmanager
@@ -145,14 +163,16 @@ class HFSequenceClassifier(TokenLayout, FolderWeights):
 
 @MODELS.register("hf_sequence_classifier")
 def hf_sequence_classifier(num_classes: int, *, path: str, config_only: bool = False,
-                           pad_token_id: Optional[int] = None) -> nn.Module:
+                           pad_token_id: Optional[int] = None, config: Optional[dict[str, Any]] = None) -> nn.Module:
     """A ``transformers`` sequence classifier from a local folder or hub name.
 
-    ``config_only`` builds a randomly initialised model from the folder's config. ``pad_token_id``
-    defaults to the model config's pad token id, or 0 when it has none.
+    ``config_only`` builds a randomly initialised model from the folder's config, with the values of ``config``
+    changed (e.g. ``{num_hidden_layers: 2, hidden_size: 128, intermediate_size: 512}`` for a small student that
+    reads the teacher's tokenizer). ``pad_token_id`` defaults to the model config's pad token id, or 0 when it has
+    none.
     """
     tf = import_transformers()
-    model = load_pretrained(tf.AutoModelForSequenceClassification, path, config_only, num_labels=num_classes)
+    model = load_pretrained(tf.AutoModelForSequenceClassification, path, config_only, config, num_labels=num_classes)
     if pad_token_id is None:
         pad_token_id = getattr(model.config, "pad_token_id", None)
         pad_token_id = 0 if pad_token_id is None else pad_token_id

@@ -275,6 +275,53 @@ def test_the_student_reads_its_own_view_and_the_teacher_its_prompt(world):
                                                                       "student_layers": ["model.bert.pooler"]}]})))
 
 
+@pytest.mark.parametrize("kind,ending", [("plain", "<|im_start|>assistant\nAnswer:"),
+                                         ("own_cue", "<|assistant|>\nAnswer:"), ("response", "### Response:")])
+def test_a_chat_template_prompt_ends_with_one_answer_cue_its_own_when_it_has_one(world, tmp_path, kind, ending):
+    import transformers
+
+    folder = llm.save_chat_tokenizer(tmp_path / kind, kind)
+    b = bundle(world, teacher_tokenizer=str(folder), chat_template=True)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    for row in b.teacher_x("test")[:5]:
+        text = tok.decode([t for t in row.tolist() if t != PAD])
+        assert text.endswith(ending) and text.count("Answer:") == ending.count("Answer:"), text
+        assert "What is" in text and "\nD. " in text
+    assert b.two_views  # the student (no chat template) reads the plain prompt
+
+
+def test_truncation_keeps_the_chat_template_the_choices_and_the_cue_and_is_counted(world, tmp_path, caplog):
+    import logging
+
+    import transformers
+
+    folder = llm.save_chat_tokenizer(tmp_path / "chat", "plain")
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    full = bundle(world, teacher_tokenizer=str(folder), chat_template=True)
+    assert full.meta["truncated"] == {"teacher": {"train": 0, "test": 0}, "student": {"train": 0, "test": 0}}
+    lengths = (full.teacher_x("test") != PAD).sum(1)
+    limit = int(lengths.min()) - 3  # every prompt a few tokens too long: the question's first words go
+    with caplog.at_level(logging.WARNING, logger="kdray"):
+        b = bundle(world, teacher_tokenizer=str(folder), chat_template=True, max_length=limit,
+                   student_tokenizer=str(world / "models" / "bert"), student_max_length=12)
+    n_train, n_test = len(b.y_train) + len(b.y_val), len(b.y_test)
+    assert b.meta["truncated"]["teacher"] == {"train": n_train, "test": n_test}
+    assert b.meta["truncated"]["student"] == {"train": n_train, "test": n_test}
+    assert any("of the teacher view are longer than max_length" in r.getMessage() for r in caplog.records)
+    assert any("of the student view are longer than student_max_length=12" in r.getMessage() for r in caplog.records)
+    for row in b.teacher_x("test")[:8]:
+        ids = [t for t in row.tolist() if t != PAD]
+        text = tok.decode(ids)
+        assert len(ids) <= limit
+        assert text.startswith("<|im_start|>system\n" + llm.SYSTEM)  # the template's own prefix survives
+        assert text.endswith("<|im_end|>\n<|im_start|>assistant\nAnswer:") and "\nD. " in text and "?\nA. " in text
+        assert "Question: What" not in text  # the question's start was cut, inside the user turn
+    # without a chat template the tokenizer keeps its special tokens: [CLS] ... [SEP] with the answer cue
+    bert = transformers.AutoTokenizer.from_pretrained(world / "models" / "bert")
+    s = bert.convert_ids_to_tokens([t for t in b.x_test[0].tolist() if t != PAD])
+    assert len(s) == 12 and s[0] == "[CLS]" and s[-1] == "[SEP]" and s[-3:-1] == ["Answer", ":"]
+
+
 # --------------------------------------------------------------------------------------------------
 # the teacher pass and the cache
 
@@ -357,6 +404,7 @@ def test_train_distils_a_bert_student_on_its_own_tokens(world, tmp_path, term, c
     assert 0 <= summary["test_acc"] <= 1 and summary["teacher"]["teacher_classes"] == 4
     assert "teacher_test_acc" in summary["teacher"]
     assert summary["data"]["dropped"] == {"train": 0, "test": 0} and summary["data"]["two_views"] is True
+    assert summary["data"]["truncated"] == {"teacher": {"train": 0, "test": 0}, "student": {"train": 0, "test": 0}}
     if term["method"] == "probe_kd":
         assert summary["probes"][0]["layer"] == "model.model.layers.2"
 
@@ -511,8 +559,8 @@ def floor_packages() -> Path:
         return target
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--disable-pip-version-check",
-                           "--target", str(tmp), f"transformers=={version}", *FLOOR_PINS],
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet",
+                           "--disable-pip-version-check", "--target", str(tmp), f"transformers=={version}", *FLOOR_PINS],
                           capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -540,8 +588,8 @@ def test_the_language_model_path_works_on_the_oldest_supported_transformers(tmp_
                            "transformers.__file__)"], env=env, capture_output=True, text=True, timeout=120)
     version, where = seen.stdout.split()
     assert version == f"{TRANSFORMERS_MIN}.0" and where.startswith(str(target)), seen.stdout + seen.stderr
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-k", FLOOR_TESTS, str(REPO / "tests" / "test_llm.py"), str(REPO / "tests" / "test_models.py")],
+    tests = [str(REPO / "tests" / f) for f in ("test_llm.py", "test_models.py")]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", FLOOR_TESTS, *tests],
                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and " failed" not in done.stdout

@@ -81,8 +81,8 @@ GIVE_TOKENIZER = ("give the tokenizer's folder or hub name (a model's kwargs.tok
 
 def load_tokenizer(path: str, field: str) -> Any:
     """``AutoTokenizer.from_pretrained(path)``; a missing or too old ``transformers``, a folder or hub name it cannot
-    load, or a tokenizer that reads :data:`PROBE_TEXT` as nothing or only unknown tokens (a model folder without
-    tokenizer files loads as such an empty tokenizer in ``transformers`` 5) is a ConfigError on ``field``."""
+    load, or an empty tokenizer (:func:`check_usable`: a model folder without tokenizer files loads as one in
+    ``transformers`` 5) is a ConfigError on ``field``."""
     transformers = import_transformers(field, path)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -94,13 +94,18 @@ def load_tokenizer(path: str, field: str) -> Any:
 
 
 def check_usable(tokenizer: Any, path: str, field: str) -> None:
-    """``tokenizer`` reads :data:`PROBE_TEXT` as some token that is not its unknown token."""
+    """``tokenizer`` is not empty: it reads :data:`PROBE_TEXT` as some tokens, and unless one of them is known, its
+    vocabulary holds more than its special tokens (a small domain vocabulary may know none of the probe's words)."""
     ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
     unknown = getattr(tokenizer, "unk_token_id", None)
-    if not any(t != unknown for t in ids):
-        reads = "no tokens" if not ids else f"{len(ids)} unknown tokens"
-        raise ConfigError(field, path, f"a folder or hub name with usable tokenizer files: {path} has none (its "
-                                       f"tokenizer reads {PROBE_TEXT!r} as {reads}); {GIVE_TOKENIZER}")
+    if any(t != unknown for t in ids):
+        return
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    if ids and any(t not in special for t in tokenizer.get_vocab()):
+        return
+    reads = "no tokens" if not ids else f"unknown tokens only, its vocabulary being its {len(special)} special tokens"
+    raise ConfigError(field, path, f"a folder or hub name with usable tokenizer files: {path} has none (its "
+                                   f"tokenizer reads {PROBE_TEXT!r} as {reads}); {GIVE_TOKENIZER}")
 
 
 # --------------------------------------------------------------------------------------------------

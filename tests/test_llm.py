@@ -430,6 +430,40 @@ def test_bad_input_is_refused_before_any_work(world, tmp_path, changes, words, c
     assert not (tmp_path / "run").exists() and not list((cache / "teacher_outputs").glob("*"))
 
 
+def test_the_teachers_of_an_ensemble_share_the_tokenizer_of_the_teacher_view(world, tmp_path, capsys):
+    """An extra LM teacher with another tokenizer would be given the main teacher's token ids: refused before any
+    work, naming it; one whose tokenizer reads text alike (another folder, the same vocabulary) is accepted."""
+    from kdray.experiment.preflight import check_teacher_tokenizers
+
+    other = llm.save_causal_lm(tmp_path / "other-vocab", "llama", seed=2)
+    llm.bpe_tokenizer(300).save_pretrained(other)  # the same kind of tokenizer, a smaller vocabulary
+    extra = {"model": {"name": "hf_causal_lm", "kwargs": {"path": str(other)}}, "weight": 1.0}
+    raw = config(world, cache_dir=str(tmp_path / "cache"), extra_teachers=[extra])
+    e = pytest.raises(ConfigError, check_teacher_tokenizers, parse_config(raw)).value
+    assert e.field == "extra_teachers[0].model.kwargs.path" and e.value == str(other)
+    assert "all teachers of an ensemble must share the tokenizer" in e.allowed and "vocabularies differ" in e.allowed
+    assert str(world / "models" / "qwen") in e.allowed  # the teacher view's tokenizer, named
+    assert main(["train", write(tmp_path, raw), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "extra_teachers[0].model.kwargs.path" in err and "Traceback" not in err and not (tmp_path / "run").exists()
+    assert not list((tmp_path / "cache").glob("teacher_outputs/*"))
+    # the extra teacher's own tokenizer named in kwargs.tokenizer: refused on that field
+    extra["model"]["kwargs"] = {"path": str(world / "models" / "llama"), "tokenizer": str(other)}
+    e = pytest.raises(ConfigError, check_teacher_tokenizers, parse_config(raw)).value
+    assert e.field == "extra_teachers[0].model.kwargs.tokenizer"
+    # another Qwen2 model (other weights, another folder) with the same tokenizer: accepted, its own answer tokens
+    same = llm.save_causal_lm(tmp_path / "qwen-b", "qwen2", seed=3)
+    extra["model"]["kwargs"] = {"path": str(same)}
+    cfg = parse_config(raw)
+    check_teacher_tokenizers(cfg)
+    assert "tokenizer" not in cfg.extra_teachers[0].model.kwargs  # not silently given the teacher view's
+    assert build_model(cfg.extra_teachers[0].model, 4).answer_ids.tolist() == qwen(world).answer_ids.tolist()
+    from kdray.experiment.preflight import check_experiment
+
+    cfg.distill.terms[0].teacher_layers = ["0.model.model.layers.1"]  # an ensemble: layers under its members
+    check_experiment(cfg)  # the ensemble runs on the teacher view
+
+
 def test_an_answer_label_outside_the_choices_is_refused_naming_the_row(world, tmp_path, capsys):
     rows = [llm.arc_row(q) for q in llm.questions(20, 0)]
     rows[7]["answerKey"] = "E"

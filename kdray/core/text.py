@@ -8,7 +8,8 @@
   :data:`ANSWER_CUE`; the answer token of letter ``L`` is the one token that follows the cue when ``" L"`` (or
   ``"L"``) is appended (:func:`answer_token_ids`).
 * :func:`length_batches` groups rows of similar length so a batch wastes little on padding.
-* :func:`load_tokenizer` is the one way data sets and models load a Hugging Face tokenizer.
+* :func:`load_tokenizer` is the one way data sets and models load a Hugging Face tokenizer (an empty one is
+  refused); :func:`tokenizer_difference` compares two by what they do, not by where they came from.
 """
 from __future__ import annotations
 
@@ -106,6 +107,19 @@ def check_usable(tokenizer: Any, path: str, field: str) -> None:
     reads = "no tokens" if not ids else f"unknown tokens only, its vocabulary being its {len(special)} special tokens"
     raise ConfigError(field, path, f"a folder or hub name with usable tokenizer files: {path} has none (its "
                                    f"tokenizer reads {PROBE_TEXT!r} as {reads}); {GIVE_TOKENIZER}")
+
+
+def tokenizer_difference(a: Any, b: Any) -> Optional[str]:
+    """How two tokenizers differ in what a model reads (their vocabularies, or the ids they give
+    :data:`PROBE_TEXT` with special tokens), or None when they read text alike, whatever folders they came from."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        return f"their vocabularies differ ({len(va)} and {len(vb)} tokens, {len(va.items() ^ vb.items())} entries " \
+               "not in both)"
+    ia, ib = a(PROBE_TEXT)["input_ids"], b(PROBE_TEXT)["input_ids"]
+    if ia != ib:
+        return f"they read {PROBE_TEXT!r} as different ids ({ia[:8]}... and {ib[:8]}...)"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -354,6 +354,41 @@ def test_one_teacher_pass_stores_every_layer_and_the_answer_logits(world, tmp_pa
     assert str((world / "models" / "qwen" / "model.safetensors").resolve()) in memo
 
 
+def test_pooled_states_beyond_float16_are_stored_in_float32_never_inf(world, tmp_path, caplog):
+    """"Massive activations": a block whose outputs exceed 65504 (its MLP scaled) is stored in float32 in every
+    split; the others stay float16; the manifest records each column's dtype and the probes fit."""
+    import logging
+    import shutil
+
+    import transformers
+
+    folder = tmp_path / "massive"
+    shutil.copytree(world / "models" / "qwen", folder)
+    lm = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        lm.model.layers[1].mlp.down_proj.weight.mul_(1e8)
+    lm.save_pretrained(folder)
+    cfg = parse_config(config(world, cache_dir=str(tmp_path), **{"teacher.model.kwargs.path": str(folder)}))
+    prep = prepare(cfg)
+    layers = [f"model.model.layers.{i}" for i in range(3)]
+    req = CacheRequest((), tuple(ProbeSpec(p, "last", 1e-3, 100) for p in layers), pooled_dtype="float16")
+    with caplog.at_level(logging.WARNING, logger="kdray"):
+        cache = get_cache(prep.teacher, prep.bundle, req, cache_root=str(tmp_path), batch_size=16)
+    wide = [f"pool/{p}/last" for p in layers[1:]]
+    assert cache.manifest["pooled_dtypes"] == {"pool/model.model.layers.0/last": "float16",
+                                               **{c: "float32" for c in wide}}
+    for split in ("train", "val", "test"):
+        assert cache.arrays[split]["pool/model.model.layers.0/last"].dtype == np.float16
+        for c in wide:
+            a = cache.arrays[split][c]
+            assert a.dtype == np.float32 and np.isfinite(a).all()
+    assert np.abs(cache.arrays["train"][wide[0]]).max() > 65504  # float16 would have made it inf
+    assert all(np.isfinite(p["val_acc"]) for p in cache.manifest["probes"])
+    assert any("beyond float16's range" in r.getMessage() and wide[0] in r.getMessage() for r in caplog.records)
+    again = get_cache(prep.teacher, prep.bundle, req, cache_root=str(tmp_path), batch_size=16)
+    assert again.hit and again.loaded().arrays["test"][wide[0]].dtype == np.float32
+
+
 def test_a_changed_model_folder_gets_a_new_fingerprint(world, tmp_path):
     import shutil
 

@@ -487,6 +487,11 @@ def test_the_teachers_of_an_ensemble_share_the_tokenizer_of_the_teacher_view(wor
     extra["model"]["kwargs"] = {"path": str(world / "models" / "llama"), "tokenizer": str(other)}
     e = pytest.raises(ConfigError, check_teacher_tokenizers, parse_config(raw)).value
     assert e.field == "extra_teachers[0].model.kwargs.tokenizer"
+    # an encoder teacher (hf_sequence_classifier) with its own word-level tokenizer: refused the same way
+    raw_bert = config(world, cache_dir=str(tmp_path / "cache"), extra_teachers=[
+        {"model": {"name": "hf_sequence_classifier", "kwargs": {"path": str(world / "models" / "bert")}}}])
+    e = pytest.raises(ConfigError, check_teacher_tokenizers, parse_config(raw_bert)).value
+    assert e.field == "extra_teachers[0].model.kwargs.path" and "must share the tokenizer" in e.allowed
     # another Qwen2 model (other weights, another folder) with the same tokenizer: accepted, its own answer tokens
     same = llm.save_causal_lm(tmp_path / "qwen-b", "qwen2", seed=3)
     extra["model"]["kwargs"] = {"path": str(same)}

@@ -150,12 +150,15 @@ def check_teacher_sources(cfg: ExperimentConfig) -> None:
     check_teacher_tokenizers(cfg)
 
 
+TOKEN_TEACHERS = ("hf_causal_lm", "hf_sequence_classifier")  # models that read a tokenizer's ids
+
+
 def check_teacher_tokenizers(cfg: ExperimentConfig) -> None:
-    """Every extra language-model teacher (``hf_causal_lm``) has the tokenizer the data set renders the teacher view
+    """Every extra Hugging Face teacher (``hf_causal_lm``, ``hf_sequence_classifier``) has the tokenizer the data set renders the teacher view
     with: the data holds one teacher view, so each teacher of an ensemble is given the same token ids. Tokenizers
     are compared by vocabulary and behaviour (:func:`~kdray.core.text.tokenizer_difference`), not by folder."""
     view = cfg.data.params.get("teacher_tokenizer") or cfg.data.params.get("tokenizer")
-    lms = [(i, t.model.kwargs) for i, t in enumerate(cfg.extra_teachers) if t.model.name == "hf_causal_lm"]
+    lms = [(i, t.model.kwargs) for i, t in enumerate(cfg.extra_teachers) if t.model.name in TOKEN_TEACHERS]
     if not view or not lms:
         return
     view_field = f"data.params.{'teacher_tokenizer' if cfg.data.params.get('teacher_tokenizer') else 'tokenizer'}"

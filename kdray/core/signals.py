@@ -13,7 +13,7 @@ from torch import nn
 from kdray.core.hooks import FeatureHooks
 from kdray.core.probes import Probe, ProbeReport, ProbeSpec
 from kdray.core.probes import accuracy as probe_accuracy
-from kdray.core.probes import fit_probe
+from kdray.core.probes import fit_probe, log_probe
 from kdray.core.train import TeacherOutputs, in_model_dtype
 from kdray.errors import ConfigError
 
@@ -128,7 +128,8 @@ def probe_specs(terms: Iterable[Any]) -> list[ProbeSpec]:
 def fit_probes(specs: list[ProbeSpec], train_feats: dict[str, torch.Tensor], y_train: torch.Tensor,
                val_feats: dict[str, torch.Tensor], y_val: torch.Tensor, num_classes: int
                ) -> tuple[dict[str, Probe], list[ProbeReport]]:
-    """Fit one probe per spec on the labelled training examples (``y_train >= 0``)."""
+    """Fit one probe per spec on the labelled training examples (``y_train >= 0``; ``l2: auto``: its strength
+    cross-validated on them)."""
     probes, reports = {}, []
     lab = y_train >= 0
     for s in specs:
@@ -136,7 +137,6 @@ def fit_probes(specs: list[ProbeSpec], train_feats: dict[str, torch.Tensor], y_t
         probes[s.layer] = probe
         reports.append(ProbeReport(s.layer, s.pooling, probe.linear.in_features,
                                    probe_accuracy(probe, train_feats[s.layer][lab], y_train[lab]),
-                                   probe_accuracy(probe, val_feats[s.layer], y_val)))
-        log.info("probe on %s (%s pooling): train acc %.3f, val acc %.3f", s.layer, s.pooling,
-                 reports[-1].train_acc, reports[-1].val_acc)
+                                   probe_accuracy(probe, val_feats[s.layer], y_val), probe.l2))
+        log_probe(reports[-1], s.l2)
     return probes, reports

@@ -16,6 +16,8 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from kdray.core.cache import probe_l2
+
 STATUS_COLORS = {"finished": "tab:blue", "pruned": "tab:orange", "failed": "tab:red", "killed": "tab:gray"}
 
 
@@ -265,7 +267,8 @@ def depth_order(layer: str) -> list:
 
 def probe_layers_plot(probes: list[dict], teacher_acc: Optional[float], path: str | Path, title: str = "") -> Path:
     """Where the answer lives: each probe's validation accuracy by teacher layer, in depth order, with the teacher's
-    own (answer-token) accuracy on the same examples as a line."""
+    own (answer-token) accuracy on the same examples as a line, and the probes' L2 strengths when they differ
+    (``l2: auto``: chosen per layer) as faint markers on a log scale at the right."""
     probes = sorted(probes, key=lambda p: depth_order(p["layer"]))
     fig = _figure(max(5.5, 0.28 * len(probes) + 2), 3.8)
     ax = fig.add_subplot()
@@ -284,7 +287,17 @@ def probe_layers_plot(probes: list[dict], teacher_acc: Optional[float], path: st
     pooling = probes[0]["pooling"] if probes else ""
     ax.set_title(title or f"probe accuracy by layer ({pooling} pooling)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
+    handles = ax.get_legend_handles_labels()
+    l2 = [probe_l2(p) for p in probes]
+    if len({v for v in l2 if v is not None}) > 1:
+        right = ax.twinx()
+        right.plot(xs, [np.nan if v is None else v for v in l2], ls="none", marker="_", ms=9, mew=2,
+                   color="tab:green", alpha=0.6, label="probe l2 (right)")
+        right.set_yscale("log")
+        right.set_ylabel("probe l2", color="tab:green", fontsize=8)
+        right.tick_params(axis="y", labelsize=7, colors="tab:green")
+        handles = [a + b for a, b in zip(handles, right.get_legend_handles_labels())]
+    ax.legend(*handles, loc="best", fontsize="small")
     return _save(fig, path)
 
 

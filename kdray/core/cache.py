@@ -173,6 +173,25 @@ class TeacherCache:
             return probe(self.tensor("train", _pooled_column(spec.layer, spec.pooling)).float()), report
 
 
+    def probe_records(self, specs: Iterable[ProbeSpec]) -> list[dict]:
+        """The manifest records of ``specs``: those the entry holds, the others fitted now on its pooled outputs
+        (``l2: auto`` strengths cross-validated together), e.g. for an entry built for other probe settings."""
+        have = {spec_of(p): p for p in self.manifest.get("probes", [])}
+        missing = [s for s in specs if s not in have]
+        chosen = chosen_l2(self.arrays, missing, self.manifest["num_classes"])
+        for spec in missing:
+            _, report = fit_cached_probe(self.arrays, spec, self.manifest["num_classes"], chosen.get(spec))
+            have[spec] = probe_record(spec, report)
+            log_probe(report, spec.l2)
+        return [have[s] for s in specs]
+
+
+def probe_record(spec: ProbeSpec, report: ProbeReport) -> dict:
+    """A probe as the manifest records it: its settings, dimension, accuracies and the strength it was fitted with."""
+    return {**asdict(spec), "dim": report.dim, "train_acc": report.train_acc, "val_acc": report.val_acc,
+            "l2_chosen": report.l2}
+
+
 def spec_of(p: dict) -> ProbeSpec:
     return ProbeSpec(p["layer"], p["pooling"], p["l2"], p["max_iter"])
 
@@ -328,8 +347,7 @@ def _add_probe_predictions(arrays: dict, request: CacheRequest, num_classes: int
             for split in SPLITS:
                 z = torch.from_numpy(arrays[split][_pooled_column(spec.layer, spec.pooling)])
                 arrays[split][spec.column] = probe(z.float()).numpy()
-        probes.append({**asdict(spec), "dim": report.dim, "train_acc": report.train_acc, "val_acc": report.val_acc,
-                       "l2_chosen": report.l2})
+        probes.append(probe_record(spec, report))
         log_probe(report, spec.l2)
     return probes
 

@@ -204,3 +204,40 @@ def test_a_manifest_written_before_auto_still_reads():
     assert probe_reports({"probes": [old]})[0].l2 == 0.001
     table = probe_layers_table(ProbeLayers("mean", [old], None, None))
     assert "0.001" in table and "cross-validated" not in table
+
+
+def test_a_search_space_draws_l2_from_auto_and_numbers(tmp_path, tiny_raw):
+    from helpers.searches import write_space
+
+    from kdray.experiment.space import configs_of_file
+
+    probe_kd = [{"method": "probe_kd", "teacher_layers": ["relu3"], "options": {"l2": {"choice": ["auto", 0.01]}}}]
+    cfgs = configs_of_file(str(write_space(tmp_path, tiny_raw, methods={"kd": [{"method": "kd"}],
+                                                                         "probe_kd": probe_kd})))
+    req = CacheRequest()
+    for cfg in cfgs:
+        req = req.union(CacheRequest((), tuple(probe_specs([m for _, _, m in build_terms(cfg.distill.terms, 4.0)]))))
+    assert {s.l2 for s in req.probes} == {"auto", 0.01}
+    ranged = [{"method": "probe_kd", "teacher_layers": ["relu3"], "options": {"l2": {"float": [1e-4, 1.0], "log": True}}}]
+    cfgs = configs_of_file(str(write_space(tmp_path, tiny_raw, methods={"probe_kd": ranged})))
+    assert {t.options["l2"] for c in cfgs for t in c.distill.terms} >= {1e-4, 1.0}
+
+
+def test_the_parent_run_logs_each_probes_strength_beside_its_accuracy(tmp_path):
+    import os
+
+    from mlflow import MlflowClient
+
+    from kdray.tracking.parent_run import ParentRun, SearchStore
+
+    store = SearchStore(os.environ["MLFLOW_TRACKING_URI"], "probe-l2", None, {}, tmp_path)
+    c = store.client
+    store.parent_run_id = c.create_run(c.create_experiment(f"probe-l2-{tmp_path.name}")).info.run_id
+    records = [{"layer": f"blocks.{i}", "pooling": "mean", "l2": "auto", "dim": 8, "train_acc": 1.0,
+                "val_acc": 0.5 + i / 10, "l2_chosen": 10.0 ** -i} for i in range(3)]
+    ParentRun(store)._log_probes(records, 0.6)
+    metrics = MlflowClient(store.uri).get_run(store.parent_run_id).data.metrics
+    for i in range(3):
+        assert metrics[f"probe_l2.blocks.{i}.mean"] == pytest.approx(10.0 ** -i)
+        assert metrics[f"probe_val_acc.blocks.{i}.mean"] == pytest.approx(0.5 + i / 10)
+    assert [a.path for a in c.list_artifacts(store.parent_run_id, "probes")] == ["probes/mean.png"]

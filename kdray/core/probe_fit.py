@@ -73,7 +73,7 @@ class LinearProbe:
 def standardisation(z: Tensor) -> tuple[Tensor, Tensor]:
     """The mean and (clamped) standard deviation a probe standardises its (N, D) features with."""
     if len(z) < 2:
-        return z.mean(0) if len(z) else torch.zeros(z.shape[1:]), torch.ones(z.shape[1:], device=z.device)
+        return z.sum(0), torch.ones(z.shape[1:], device=z.device)  # the one example itself, or zeros
     return z.mean(0), z.std(0).clamp_min(1e-6)
 
 

@@ -370,6 +370,9 @@ def markdown(out: dict) -> str:
             r = out["layers"][c][i]
             cells += [cell(r["kdray_test"]) + ("" if r["same_states"] else "*"), cell(r["lr_test"])]
         lines.append(f"| `{row['layer']}` | " + " | ".join(cells) + " |")
+    if out["teacher_head_val_acc"]:
+        lines.append("| teacher's own output head (val) | " + " | ".join(
+            f"{cell(out['teacher_head_val_acc'].get(c))} | " for c in cols) + " |")
     lines.append("| best block (mean): gap LR - kdray | " + " | ".join(
         f"{out['best'][c]['kdray_test']:.3f} | {out['best'][c]['lr_test']:.3f} (gap {out['best'][c]['gap']:+.3f})"
         for c in cols) + " |")
@@ -473,7 +476,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     world = make_world(work, args)
     first = experiment_raw(world, args.budgets[0], args.seeds[0], args)
-    layers_out, chosen, jobs, states, n_test = {}, {}, [], None, 0
+    layers_out, chosen, head_val, jobs, states, n_test = {}, {}, {}, [], None, 0
     for frac in args.budgets:
         draws = []
         for seed in args.seeds:
@@ -482,6 +485,7 @@ def main() -> None:
                 states, index = reference_states(first, list(probes))
             draws.append(compare_layers(probes, bundle, states, index, seed))
             chosen.setdefault(str(frac), []).append(found["chosen"])
+            head_val.setdefault(str(frac), []).append(found["teacher_val_acc"])
             n_test = len(bundle.y_test)
             log(f"{frac:.0%} labels ({int(bundle.labelled.sum())}), seed {seed}: kdray probe test "
                 + " ".join(f"{r['test_acc']:.3f}" for r in draws[-1]) + "; LR-CV "
@@ -504,6 +508,7 @@ def main() -> None:
            "budgets": args.budgets, "labelled": labelled, "seeds": args.seeds, "n_test": n_test,
            "probe_options": probe_options(), "layers": layers_out,
            "best": {c: best_block(rows) for c, rows in layers_out.items()}, "chosen": chosen,
+           "teacher_head_val_acc": {c: summarise(v) for c, v in head_val.items() if None not in v},
            "methods": list(METHODS) if not args.no_students else [], "students": students,
            "epochs": args.epochs, "plot": args.plot, "work": str(work), "tiny": args.tiny,
            "seconds": round(time.perf_counter() - t_start, 1)}

@@ -139,8 +139,8 @@ def choose_probe(prep) -> dict:
     from kdray.core.probes import ProbeSpec
 
     b = prep.bundle
-    _, feats = teacher_pass(prep.teacher, b.x_train, PROBE_LAYERS, 1000)
-    _, val_feats = teacher_pass(prep.teacher, b.x_val, PROBE_LAYERS, 1000)
+    feats = teacher_pass(prep.teacher, b.x_train, PROBE_LAYERS, 1000)
+    val_feats = teacher_pass(prep.teacher, b.x_val, PROBE_LAYERS, 1000)
     specs = [ProbeSpec(layer, pooling, PROBE_L2, 100) for layer in PROBE_LAYERS for pooling in PROBE_POOLINGS]
     rows = []
     for spec in specs:  # one at a time: fit_probes keys probes by layer

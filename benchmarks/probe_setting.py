@@ -103,9 +103,7 @@ def probe_table(prep) -> list[dict]:
 
     b = prep.bundle
     lab = b.labelled
-    _, tr = teacher_pass(prep.teacher, b.x_train, PROBE_LAYERS, 1000)
-    _, va = teacher_pass(prep.teacher, b.x_val, PROBE_LAYERS, 1000)
-    _, te = teacher_pass(prep.teacher, b.x_test, PROBE_LAYERS, 1000)
+    tr, va, te = (teacher_pass(prep.teacher, x, PROBE_LAYERS, 1000).features for x in (b.x_train, b.x_val, b.x_test))
     rows = []
     for layer in PROBE_LAYERS:
         for pooling in PROBE_POOLINGS:

@@ -188,6 +188,7 @@ def plain_forward(model, x: torch.Tensor, batch_size: int, device: torch.device,
 def lm_pass(tiny: bool, device: torch.device, reps: int) -> dict:
     """Tokens per second of kdray's teacher pass (every layer's last-token state in float16, the answer-token logits)
     against a plain forward of the same batches; model FLOPs utilisation against the GPU's bf16 peak."""
+    from kdray.core.blocks import block_paths
     from kdray.core.cache import CacheRequest, teacher_outputs
     from kdray.core.probes import ProbeSpec
 
@@ -197,7 +198,7 @@ def lm_pass(tiny: bool, device: torch.device, reps: int) -> dict:
     n, (lo, hi), bs = (32, (20, 60), 8) if tiny else ((16, (100, 400), 8) if device.type == "cpu" else (2048, (100, 400), 32))
     x = lm_prompts(n, lo, hi, sizes["vocab_size"])
     tokens = int((x >= 0).sum())
-    layers = teacher.probe_layers()
+    layers = block_paths(teacher)
     req = CacheRequest((), tuple(ProbeSpec(p, "last", 1e-3, 100) for p in layers), pooled_dtype="float16")
     t_kdray = timed(lambda: teacher_outputs(teacher, x, req, bs, device), device, reps)
     t_plain = timed(lambda: plain_forward(teacher.model, x, bs, device, keep_last=False), device, reps)

@@ -94,10 +94,14 @@ def add_layers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("layers", help="list every module path of teacher and student with its output shape")
     _common_config_args(p)
     p.add_argument("--which", choices=["teacher", "student", "both"], default="both")
-    p.add_argument("--probes", nargs="?", const="mean", metavar="POOLING",
-                   help="also fit a Probe-KD probe on every teacher layer (a language model's decoder blocks; pooling: "
-                        "mean, max, flatten, first, seq_mean, last; default mean), show each one's validation accuracy "
-                        "beside the teacher's own, and plot them (trains the teacher if needed)")
+    p.add_argument("--probes", nargs="?", const="auto", metavar="POOLING",
+                   help="also fit a Probe-KD probe on every block of the teacher (found from its structure), show "
+                        "each one's validation accuracy beside the teacher's own, and plot them (trains the teacher if "
+                        "needed); pooling: auto (default: a decoder's last real token, an encoder's mean over real "
+                        "tokens, a feature map's mean), mean, max, flatten, first, seq_mean, last")
+    p.add_argument("--layers", action="append", default=[], metavar="GLOB",
+                   help="with --probes: probe the teacher modules matching this pattern instead of its blocks "
+                        "(fnmatch, e.g. 'model.bert.encoder.layer.*.output'; repeatable)")
     p.add_argument("--plot", metavar="PNG", help="with --probes: where the plot goes (default "
                                                  "<name>-probes-<pooling>.png here)")
     p.set_defaults(func=cmd_layers)
@@ -109,15 +113,16 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from kdray.report.tables import layers_table
 
     cfg = load_config(args.config, args.overrides)
-    if args.plot and not args.probes:
-        raise ConfigError("--plot", args.plot, "only with --probes")
+    for flag, value in (("--plot", args.plot), ("--layers", args.layers)):
+        if value and not args.probes:
+            raise ConfigError(flag, value, "only with --probes")
     found = None
     if args.probes:
         from kdray.experiment.run import probe_layer_accuracies
 
         plot = Path(args.plot or f"{cfg.name}-probes-{args.probes}.png")
         check_output_file(plot, "--plot", "probes.png")
-        found = probe_layer_accuracies(cfg, args.probes)
+        found = probe_layer_accuracies(cfg, args.probes, args.layers)
     print(layers_table(list_model_layers(cfg, args.which), found.val_acc if found else None))
     if found is not None:
         from kdray.report.plots import probe_layers_plot

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 
 from kdray.cli import main
 from kdray.config import DataConfig, ModelSpec
+from kdray.core.blocks import block_paths
 from kdray.core.cache import CacheRequest, get_cache
 from kdray.core.hooks import FeatureHooks
 from kdray.core.probes import ProbeSpec, pool
@@ -130,7 +131,7 @@ def test_padded_batches_compute_every_prompt_as_it_would_be_alone(world, arch):
             torch.testing.assert_close(logits[i], alone[0], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(pooled[i], hidden, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(hooks.outputs[layer][0, -1], hidden, atol=1e-5, rtol=1e-4)
-    assert model.probe_layers() == [f"model.model.layers.{i}" for i in range(3)]
+    assert block_paths(model) == [f"model.model.layers.{i}" for i in range(3)]
 
 
 # --------------------------------------------------------------------------------------------------

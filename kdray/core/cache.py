@@ -44,7 +44,7 @@ from kdray.core.bundle import DataBundle
 from kdray.core.cache_store import (FORMAT, SPLITS, CorruptEntry, entry_folder_name, entry_path, list_entry_names,
                                     load_entry, publish, read_manifest, remove_entry, sweep_stale_tmp, tmp_folder,
                                     write_splits)
-from kdray.core.hooks import FeatureHooks
+from kdray.core.hooks import FeatureHooks, module_order, split_layer
 from kdray.core.probes import Probe, ProbeReport, ProbeSpec, fit_probe, pool
 from kdray.core.text import length_batches
 from kdray.paths import cache_location
@@ -110,6 +110,16 @@ def data_fingerprint(bundle: DataBundle) -> str:
     return h.hexdigest()[:16]
 
 
+def describe_request(request: CacheRequest) -> str:
+    """A request in a few words for the log: the feature layers, and the probes counted, not listed."""
+    parts = [f"feature layers {', '.join(request.feature_layers)}"] if request.feature_layers else []
+    if request.probes:
+        layers = len({p.layer for p in request.probes})
+        parts.append(f"{len(request.probes)} probe{'s' * (len(request.probes) != 1)} on {layers} layer"
+                     f"{'s' * (layers != 1)}")
+    return ", ".join(parts + [f"{request.dtype} features"] * bool(request.feature_layers)) or "logits only"
+
+
 def entry_key(teacher_fp: str, data_fp: str, request: CacheRequest) -> str:
     return stable_hash({"format": FORMAT, "teacher": teacher_fp, "data": data_fp, **request.describe()})
 
@@ -153,14 +163,14 @@ class TeacherCache:
         """The probe's logits on the training examples and its report: from the cache, or fitted now on
         the cached pooled outputs (a probe setting the search did not list, e.g. a searched ``l2``)."""
         for p in self.manifest.get("probes", []):
-            if spec.column in self.arrays["train"] and _spec(p) == spec:
+            if spec.column in self.arrays["train"] and spec_of(p) == spec:
                 return self.tensor("train", spec.column), _report(p)
         probe, report = fit_cached_probe(self.arrays, spec, self.manifest["num_classes"])
         with torch.no_grad():
             return probe(self.tensor("train", _pooled_column(spec.layer, spec.pooling)).float()), report
 
 
-def _spec(p: dict) -> ProbeSpec:
+def spec_of(p: dict) -> ProbeSpec:
     return ProbeSpec(p["layer"], p["pooling"], p["l2"], p["max_iter"])
 
 
@@ -174,7 +184,7 @@ def probe_reports(manifest: dict) -> list[ProbeReport]:
 
 def covers(manifest: dict, request: CacheRequest) -> bool:
     have = manifest.get("request", {})
-    probes = {_spec(p) for p in have.get("probes", [])}
+    probes = {spec_of(p) for p in have.get("probes", [])}
     pooled = {(p.layer, p.pooling) for p in probes}
     return (have.get("dtype") == request.dtype and have.get("pooled_dtype", "float32") == request.pooled_dtype
             and set(request.feature_layers) <= set(have.get("feature_layers", []))
@@ -226,7 +236,8 @@ def teacher_outputs(model: nn.Module, x: torch.Tensor, request: CacheRequest, ba
                 cols[f"feat/{p}"].append(hooks.outputs[p].float().cpu().numpy().astype(dtypes[f"feat/{p}"], copy=False))
             for p, how in request.pooled:
                 col = _pooled_column(p, how)
-                cols[col].append(pool(hooks.outputs[p], how).float().cpu().numpy().astype(dtypes[col], copy=False))
+                pooled = pool(hooks.outputs[p], how, hooks.masks.get(p))
+                cols[col].append(pooled.float().cpu().numpy().astype(dtypes[col], copy=False))
     where = np.argsort(np.concatenate(order)) if order else np.zeros((0,), np.int64)
     return {k: np.concatenate(parts)[where] if parts else np.zeros((0,), dtypes[k]) for k, parts in cols.items()}
 
@@ -275,12 +286,22 @@ def teacher_accuracy(arrays: dict, num_classes: int) -> dict[str, float]:
     return out
 
 
+def in_module_order(probes: list[dict], teacher: nn.Module) -> list[dict]:
+    """The probe records sorted by their layer's place in the teacher (:func:`~kdray.core.hooks.module_order`: the
+    order a forward produces the outputs of a model built in the order it runs), each with that ``depth`` (what
+    tables and plots by layer follow)."""
+    order = module_order(teacher)
+    depth = {r["layer"]: order.get(split_layer(r["layer"])[0], len(order)) for r in probes}
+    return sorted(({**r, "depth": depth[r["layer"]]} for r in probes), key=lambda r: (r["depth"], r["layer"]))
+
+
 def _fill_entry(folder: Path, key: str, teacher: nn.Module, bundle: DataBundle, request: CacheRequest,
                 info: dict, batch_size: int, device: torch.device, outputs_fn: Optional[OutputsFn] = None) -> None:
     """Run the teacher over every split, fit the probes, write the files and the manifest into ``folder``."""
     t0 = time.perf_counter()
     arrays = _compute_arrays(teacher, bundle, request, batch_size, device, outputs_fn)
     probes = _add_probe_predictions(arrays, request, bundle.num_classes)
+    probes = in_module_order(probes, teacher)
     answer_acc = teacher_accuracy(arrays, bundle.num_classes)
     files, shapes = write_splits(folder, arrays)
     n = sum(f["rows"] for f in files.values())
@@ -407,8 +428,7 @@ def get_cache(teacher: nn.Module, bundle: DataBundle, request: CacheRequest, *, 
             log.info("teacher cache: hit %s (%d examples, %.0f bytes/example)", name, m["examples"],
                      m["bytes_per_example"])
             return TeacherCache(name, entry_path(root, name), m, arrays, hit=True)
-    log.info("teacher cache: building %s (teacher %s, data %s: %s)", key, t_fp, d_fp,
-             ", ".join(f"{k}={v}" for k, v in request.describe().items() if v) or "logits only")
+    log.info("teacher cache: building %s (teacher %s, data %s: %s)", key, t_fp, d_fp, describe_request(request))
     path = build_entry(root, key, teacher, bundle, request, info, batch_size, device, outputs_fn)
     m, arrays = load_entry(path)
     log.info("teacher cache: built %s in %.1fs: %d examples, %.1f MB, %.0f bytes/example", key, m["build_seconds"],

@@ -1,44 +1,77 @@
 """Probe-KD probes: lightweight classifiers fitted on frozen teacher hidden states.
 
-A probe pools a layer's output to one vector per example (:func:`pool`), standardises it, and applies
-a multinomial logistic regression with an L2 penalty fitted by full-batch L-BFGS on the labelled
-training examples. Its temperature-softened predictions then supervise the student (the
+A probe pools a layer's output to one vector per example (:func:`pool`, over the real tokens of a token
+sequence), standardises it, and applies a multinomial logistic regression with an L2 penalty fitted by full-batch
+L-BFGS on the labelled training examples. Its temperature-softened predictions then supervise the student (the
 ``probe_kd`` method), in place of or beside the teacher's own logits.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-POOLINGS = ("mean", "max", "flatten", "first", "seq_mean", "last")
+POOLINGS = ("auto", "mean", "max", "flatten", "first", "seq_mean", "last")
+TOKEN_POOLINGS = ("seq_mean", "mean", "max", "first", "last")  # what each does to a token sequence: see pool_tokens
 
 
-def pool(x: torch.Tensor, how: str) -> torch.Tensor:
+def is_token_output(x: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
+    """Whether ``x`` is a (B, T, D) token sequence whose real tokens ``mask`` (B, T) marks."""
+    return mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape)
+
+
+def pool(x: torch.Tensor, how: str, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, ...) -> (B, D).
 
-    Feature maps are (B, C, L) or (B, C, H, W): ``mean``/``max`` pool over the positions (dims >= 2).
-    Token sequences are (B, T, D): ``first`` takes token 0 (the [CLS] token), ``seq_mean`` averages
-    over tokens, ``last`` takes the last position, which is the last real token of every prompt for a decoder-only
-    model (kdray's ``hf_causal_lm`` lays its batches out padded on the left). ``flatten`` keeps everything.
-    (B, D) vectors pass through unchanged."""
+    A token sequence (B, T, D) with the mask (B, T) of its real tokens, in the layout the model computed it in
+    (right padding for encoders, left for kdray's decoders: see :mod:`kdray.core.hooks`), is pooled over its real
+    tokens only (:func:`pool_tokens`), so a sequence pools the same whatever the padding's length, side and batch.
+    ``auto`` is the masked mean there (a decoder's probes resolve ``auto`` to ``last`` up-front:
+    :func:`kdray.core.blocks.resolve_pooling`).
+
+    Feature maps are (B, C, L) or (B, C, H, W): ``mean``/``max`` (and ``auto``) pool over the positions
+    (dims >= 2). Token sequences without a mask (a model kdray does not know the padding of) are read as they
+    come: ``first`` takes position 0, ``seq_mean`` averages over positions, ``last`` takes position -1.
+    ``flatten`` keeps everything. (B, D) vectors pass through unchanged."""
     if x.dim() == 2:
         return x
+    if how not in POOLINGS:
+        raise ValueError(f"pooling {how!r}; allowed: {', '.join(POOLINGS)}")
     if how == "flatten":
         return x.flatten(1)
+    if is_token_output(x, mask):
+        return pool_tokens(x, "seq_mean" if how == "auto" else how, mask)
     if how == "first":
         return x[:, 0].flatten(1)
     if how == "last":
         return x[:, -1].flatten(1)
-    if how == "mean":
+    if how in ("mean", "auto"):
         return x.flatten(2).mean(dim=2)
     if how == "max":
         return x.flatten(2).amax(dim=2)
-    if how == "seq_mean":
-        return x.mean(dim=1).flatten(1)
-    raise ValueError(f"pooling {how!r}; allowed: {', '.join(POOLINGS)}")
+    return x.mean(dim=1).flatten(1)  # seq_mean
+
+
+def pool_tokens(x: torch.Tensor, how: str, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) over the real tokens (``mask`` True): ``seq_mean``/``mean`` their mean, ``max`` their maximum,
+    ``first``/``last`` the first/last real token (wherever the padding is). A row without real tokens pools to 0."""
+    m = mask.to(x.device, torch.bool)
+    if how in ("seq_mean", "mean"):
+        w = m.unsqueeze(-1).to(x.dtype)
+        return (x * w).sum(1) / w.sum(1).clamp_min(1)
+    if how == "max":
+        out = x.masked_fill(~m.unsqueeze(-1), float("-inf")).amax(1)
+        return torch.where(m.any(1, keepdim=True), out, torch.zeros_like(out))
+    if how == "first":
+        idx = m.to(torch.int8).argmax(1)
+    elif how == "last":
+        idx = x.shape[1] - 1 - m.flip(1).to(torch.int8).argmax(1)
+    else:
+        raise ValueError(f"pooling {how!r} of a token sequence; allowed: {', '.join(TOKEN_POOLINGS)}, flatten")
+    return x[torch.arange(len(x), device=x.device), idx]
 
 
 class Probe(nn.Module):
@@ -51,8 +84,8 @@ class Probe(nn.Module):
         self.register_buffer("std", torch.ones(dim))
         self.linear = nn.Linear(dim, num_classes)
 
-    def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        z = pool(feature, self.pooling).float()
+    def forward(self, feature: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        z = pool(feature, self.pooling, mask).float()
         return self.linear((z - self.mean) / self.std)
 
 

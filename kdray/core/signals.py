@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 
+from kdray.core.blocks import resolve_pooling
 from kdray.core.hooks import FeatureHooks
 from kdray.core.probes import Probe, ProbeReport, ProbeSpec
 from kdray.core.probes import accuracy as probe_accuracy
-from kdray.core.probes import fit_probe
+from kdray.core.probes import fit_probe, pool
 from kdray.core.train import TeacherOutputs, in_model_dtype
 from kdray.errors import ConfigError
 
@@ -61,11 +62,25 @@ class TeacherEnsemble(nn.Module):
         return mix_logits([m(x) for m in self.children()], self.weights, self.temperature)
 
 
-def teacher_pass(model: nn.Module, x: torch.Tensor, layers: list[str], batch_size: int) -> tuple[torch.Tensor, dict]:
+@dataclass
+class TeacherPass:
+    """A frozen teacher's logits and hooked outputs for every example, with the token masks of the outputs that
+    are token sequences (None elsewhere: see :class:`kdray.core.hooks.FeatureHooks`)."""
+
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor]
+    masks: dict[str, Optional[torch.Tensor]]
+
+    def pooled(self, layer: str, pooling: str) -> torch.Tensor:
+        return pool(self.features[layer], pooling, self.masks.get(layer))
+
+
+def teacher_pass(model: nn.Module, x: torch.Tensor, layers: list[str], batch_size: int) -> TeacherPass:
     """Logits and hooked outputs of a frozen teacher for all of ``x`` (eval mode, ``torch.inference_mode``, the
     inputs in the teacher's dtype). The batches are joined outside inference mode: the results are ordinary
     tensors (a probe can be fitted on them)."""
     feats: dict[str, list[torch.Tensor]] = {p: [] for p in layers}
+    masks: dict[str, list] = {p: [] for p in layers}
     logits = []
     model.eval()
     with FeatureHooks(model, layers) as hooks, torch.inference_mode():
@@ -73,8 +88,10 @@ def teacher_pass(model: nn.Module, x: torch.Tensor, layers: list[str], batch_siz
             logits.append(model(in_model_dtype(model, x[i:i + batch_size])))
             for p in layers:
                 feats[p].append(hooks.outputs[p])
+                masks[p].append(hooks.masks.get(p))
     cat = lambda xs: torch.cat(xs) if xs else torch.empty(0)  # noqa: E731
-    return cat(logits), {p: cat(v) for p, v in feats.items()}
+    return TeacherPass(cat(logits), {p: cat(v) for p, v in feats.items()},
+                       {p: cat(v) if v and v[0] is not None else None for p, v in masks.items()})
 
 
 @dataclass
@@ -103,21 +120,23 @@ class LiveTeacher:
     @torch.no_grad()
     def outputs(self, idx: torch.Tensor, x: torch.Tensor) -> TeacherOutputs:
         logits = self.model(x)
-        feats = dict(self._hooks.outputs)
-        return TeacherOutputs(logits, feats, {p: probe(feats[p]) for p, probe in self.probes.items()})
+        feats, masks = dict(self._hooks.outputs), self._hooks.masks
+        return TeacherOutputs(logits, feats, {p: probe(feats[p], masks.get(p)) for p, probe in self.probes.items()})
 
     def close(self) -> None:
         self._hooks.__exit__(None, None, None)
 
 
-def probe_specs(terms: Iterable[Any]) -> list[ProbeSpec]:
+def probe_specs(terms: Iterable[Any], teacher: nn.Module) -> list[ProbeSpec]:
     """The probes that the terms reading probes (``uses_probes``: their options give ``pooling``, ``l2`` and
-    ``max_iter``) among ``terms`` (built methods, e.g. ``distiller.terms``) need."""
+    ``max_iter``) among ``terms`` (built methods, e.g. ``distiller.terms``) need, with the pooling ``auto``
+    resolved for ``teacher``'s layer (:func:`kdray.core.blocks.resolve_pooling`)."""
     specs: dict[str, ProbeSpec] = {}
     for i, m in enumerate(terms):
         if not m.uses_probes:
             continue
-        s = ProbeSpec(m.teacher_layers[0], m.opts.pooling, m.opts.l2, m.opts.max_iter)
+        layer = m.teacher_layers[0]
+        s = ProbeSpec(layer, resolve_pooling(teacher, layer, m.opts.pooling), m.opts.l2, m.opts.max_iter)
         if s.layer in specs and specs[s.layer] != s:
             raise ConfigError(f"distill.terms[{i}].options", m.opts.model_dump(),
                               f"the same probe options as the other {m.name} term on layer {s.layer}")
@@ -125,18 +144,18 @@ def probe_specs(terms: Iterable[Any]) -> list[ProbeSpec]:
     return list(specs.values())
 
 
-def fit_probes(specs: list[ProbeSpec], train_feats: dict[str, torch.Tensor], y_train: torch.Tensor,
-               val_feats: dict[str, torch.Tensor], y_val: torch.Tensor, num_classes: int
-               ) -> tuple[dict[str, Probe], list[ProbeReport]]:
-    """Fit one probe per spec on the labelled training examples (``y_train >= 0``)."""
+def fit_probes(specs: list[ProbeSpec], train: TeacherPass, y_train: torch.Tensor, val: TeacherPass,
+               y_val: torch.Tensor, num_classes: int) -> tuple[dict[str, Probe], list[ProbeReport]]:
+    """Fit one probe per spec on the labelled training examples (``y_train >= 0``), on the pooled outputs (token
+    sequences pooled over their real tokens)."""
     probes, reports = {}, []
     lab = y_train >= 0
     for s in specs:
-        probe = fit_probe(train_feats[s.layer][lab], y_train[lab], num_classes, s.pooling, s.l2, s.max_iter)
+        z, zv = train.pooled(s.layer, s.pooling), val.pooled(s.layer, s.pooling)
+        probe = fit_probe(z[lab], y_train[lab], num_classes, s.pooling, s.l2, s.max_iter)
         probes[s.layer] = probe
         reports.append(ProbeReport(s.layer, s.pooling, probe.linear.in_features,
-                                   probe_accuracy(probe, train_feats[s.layer][lab], y_train[lab]),
-                                   probe_accuracy(probe, val_feats[s.layer], y_val)))
+                                   probe_accuracy(probe, z[lab], y_train[lab]), probe_accuracy(probe, zv, y_val)))
         log.info("probe on %s (%s pooling): train acc %.3f, val acc %.3f", s.layer, s.pooling,
                  reports[-1].train_acc, reports[-1].val_acc)
     return probes, reports

@@ -2,7 +2,8 @@
 
 * Padding: kdray pads token-id tensors with :data:`PAD` (-1), a value no tokenizer uses, so a model wrapper knows
   every real token whatever the tokenizer's own pad token is (:func:`token_mask`). Rows are padded on the right;
-  a decoder-only wrapper re-lays them out on the left (:func:`left_align`), so position -1 is the last real token.
+  a decoder-only wrapper re-lays them out on the left (:func:`left_align`), so position -1 is the last real token,
+  and an encoder wrapper on the right (:func:`right_align`): input padded on either side reads the same.
 * Multiple choice: choices are lettered ``A, B, C ...`` (:data:`CHOICE_LETTERS`) and a prompt ends with
   :data:`ANSWER_CUE`; the answer token of letter ``L`` is the one token that follows the cue when ``" L"`` (or
   ``"L"``) is appended (:func:`answer_token_ids`).
@@ -45,11 +46,20 @@ def token_mask(ids: torch.Tensor, pad_token_id: Optional[int] = None) -> torch.T
 
 
 def left_align(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move each row's padding to the left (order of the real tokens kept): ``(ids, mask)`` laid out so the last
-    position of every row is its last real token."""
-    n_pad = (~mask).sum(1, keepdim=True)
-    cols = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-    src = (cols - n_pad) % ids.shape[1]
+    """Move each row's padding to the left, wherever it was (order of the real tokens kept): ``(ids, mask)`` laid
+    out so the last position of every row is its last real token."""
+    return _align(ids, mask, pads_first=True)
+
+
+def right_align(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's padding to the right, wherever it was (order of the real tokens kept): the layout encoders
+    with absolute positions expect, so a left-padded row is computed as the same tokens alone."""
+    return _align(ids, mask, pads_first=False)
+
+
+def _align(ids: torch.Tensor, mask: torch.Tensor, pads_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    key = mask.to(torch.int8) if pads_first else (~mask).to(torch.int8)
+    src = torch.sort(key, dim=1, stable=True).indices
     return ids.gather(1, src), mask.gather(1, src)
 
 

@@ -106,7 +106,7 @@ def build_distiller(cfg: ExperimentConfig, teacher: Optional[nn.Module], num_cla
             raise ConfigError("teacher.model", f"{teacher_classes} output classes",
                               f"{num_classes} classes (those of data set {data_name!r}) for method {term.method!r}, "
                               f"which reads the teacher's logits; use {_not_logit_methods()} with this teacher")
-    if cfg.distill.scheme == "online" and probe_specs(distiller.terms):
+    if cfg.distill.scheme == "online" and any(m.uses_probes for m in distiller.terms):
         raise ConfigError("distill.scheme", "online", "offline when a term reads probes (probes are fitted on a "
                                                       "frozen teacher)")
     s_shapes = output_shapes(student, example, distiller.student_layers, "student_layers")

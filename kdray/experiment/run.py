@@ -9,12 +9,13 @@ through ``callbacks`` and ``start_state``.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import yaml
@@ -24,7 +25,8 @@ from torch import nn
 from kdray.config import ExperimentConfig, config_error_from
 from kdray.core import compress as c
 from kdray.core.bundle import DataBundle
-from kdray.core.cache import CacheRequest, get_cache
+from kdray.core.blocks import block_paths, resolve_pooling
+from kdray.core.cache import CacheRequest, get_cache, spec_of
 from kdray.core.checkpoint import save_model
 from kdray.core.compress import gzip_bytes, latency_ms
 from kdray.core.hooks import list_layers
@@ -330,16 +332,24 @@ class ProbeLayers:
         return max(self.probes, key=lambda p: p["val_acc"], default=None)
 
 
-def probe_candidates(teacher: nn.Module, example: torch.Tensor) -> list[str]:
-    """The teacher layers ``kdray layers --probes`` fits a probe on: a language model's decoder blocks
-    (``probe_layers()``), else every module whose output has a batch dimension, in forward order."""
-    blocks = getattr(teacher, "probe_layers", None)
-    if callable(blocks) and blocks():
-        return list(blocks())
-    return [i.path for i in list_layers(teacher, example, "teacher") if i.shape and i.shape[0] == len(example)]
+def probe_candidates(teacher: nn.Module, example: torch.Tensor, globs: Sequence[str] = ()) -> list[str]:
+    """The teacher layers ``kdray layers --probes`` fits a probe on, in forward order: the model's blocks
+    (:func:`kdray.core.blocks.block_paths`), or the module paths matching any of ``globs`` (``fnmatch`` patterns,
+    e.g. ``model.bert.encoder.layer.*.output``); either way only modules that output one row per example."""
+    infos = sorted((i for i in list_layers(teacher, example, "teacher") if i.order is not None), key=lambda i: i.order)
+    ran = [i.path for i in infos if i.shape and i.shape[0] == len(example)]
+    if not globs:
+        wanted = set(block_paths(teacher))
+        return [p for p in ran if p in wanted]
+    chosen = [p for p in ran if any(fnmatch.fnmatchcase(p, g) for g in globs)]
+    if not chosen:
+        raise ConfigError("--layers", list(globs), "patterns matching teacher modules that output one row per "
+                                                    f"example, e.g. {', '.join(ran[:4])} (`kdray layers CONFIG` "
+                                                    "lists them)")
+    return chosen
 
 
-def probe_layer_accuracies(cfg: ExperimentConfig, pooling: str) -> ProbeLayers:
+def probe_layer_accuracies(cfg: ExperimentConfig, pooling: str = "auto", globs: Sequence[str] = ()) -> ProbeLayers:
     """Validation accuracy of a Probe-KD probe (``pooling``, default l2 and iterations) on every candidate teacher
     layer (:func:`probe_candidates`), from one teacher pass through the teacher cache (the teacher is trained if
     need be), and the teacher's own accuracy beside them."""
@@ -356,12 +366,22 @@ def probe_layer_accuracies(cfg: ExperimentConfig, pooling: str) -> ProbeLayers:
     list_model_layers(cfg, "teacher")  # data and teacher checked before the teacher is trained
     prep = prepare(cfg)
     b = prep.bundle
-    example = b.teacher_x("train")[: min(len(b.x_train), cfg.data.batch_size)]
-    paths = probe_candidates(prep.teacher, example)
-    req = CacheRequest((), tuple(ProbeSpec(p, pooling, opts.l2, opts.max_iter) for p in paths), cfg.teacher_cache.dtype,
-                       pooled_dtype(cfg, prep.teacher))
+    example = b.teacher_x("train")[: min(len(b.x_train), 4)]  # enough for the shapes and the order
+    paths = probe_candidates(prep.teacher, example, globs)
+    specs = [ProbeSpec(p, resolve_pooling(prep.teacher, p, pooling), opts.l2, opts.max_iter) for p in paths]
+    log.info("probes: fitting %d on the teacher's %s (%s pooling)", len(specs),
+             f"layers matching {', '.join(globs)}" if globs else "blocks", describe_poolings(specs))
+    t0 = time.perf_counter()
+    req = CacheRequest((), tuple(specs), cfg.teacher_cache.dtype, pooled_dtype(cfg, prep.teacher))
     cache = get_cache(prep.teacher, b, req, cache_root=cfg.cache_dir, info=cache_info(cfg),
                       batch_size=cfg.data.eval_batch_size, device=resolve_device(cfg.train.device))
-    found = {r["layer"]: r for r in cache.manifest["probes"] if r["pooling"] == pooling}
+    log.info("probes: %d fitted in %.1fs (teacher pass included, cache %s)", len(specs), time.perf_counter() - t0,
+             "hit" if cache.hit else "built")
+    found = {spec_of(r): r for r in cache.manifest["probes"]}
     acc = cache.manifest.get("teacher_accuracy", {})
-    return ProbeLayers(pooling, [found[p] for p in paths if p in found], acc.get("val"), acc.get("test"))
+    records = [{**found[s], "depth": i} for i, s in enumerate(specs) if s in found]  # in forward order
+    return ProbeLayers(describe_poolings(specs), records, acc.get("val"), acc.get("test"))
+
+
+def describe_poolings(specs: Sequence[ProbeSpec]) -> str:
+    return "/".join(dict.fromkeys(s.pooling for s in specs)) or "-"

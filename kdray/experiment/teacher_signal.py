@@ -60,7 +60,7 @@ def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
         return Built(distiller, None, None, [], None, None)
     eval_bs = cfg.data.eval_batch_size
     same_classes = prep.teacher_info.get("teacher_classes") == b.num_classes
-    specs = probe_specs(distiller.terms)
+    specs = probe_specs(distiller.terms, teacher)
     if uses_cache(cfg, b) and (req := cache_request([cfg], prep, t_example)) is not None:
         cache = usable_cache(cfg, prep, req, device)
         signal, reports = cached_signal(cache, distiller, specs, teacher)
@@ -82,14 +82,15 @@ def build(cfg: ExperimentConfig, prep: Prepared, device: torch.device) -> Built:
     # augmented inputs: the teacher runs live, so only the probes' layers are needed up-front
     layers = sorted(set(probe_layers) if b.augment is not None else set(distiller.teacher_layers) | set(probe_layers))
     t0 = time.perf_counter()
-    logits, feats = teacher_pass(teacher, b.teacher_x("train").to(device), layers, eval_bs)
-    _, val_feats = teacher_pass(teacher, b.teacher_x("val").to(device), probe_layers, eval_bs)
-    probes, reports = fit_probes(specs, feats, b.y_train.to(device), val_feats, b.y_val.to(device), b.num_classes)
+    train = teacher_pass(teacher, b.teacher_x("train").to(device), layers, eval_bs)
+    val = teacher_pass(teacher, b.teacher_x("val").to(device), probe_layers, eval_bs)
+    probes, reports = fit_probes(specs, train, b.y_train.to(device), val, b.y_val.to(device), b.num_classes)
     if b.augment is not None:
         signal: Any = LiveTeacher(teacher, distiller.teacher_layers, probes)
     else:
-        probe_logits = {p: probe(feats[p]) for p, probe in probes.items()}
-        signal = PrecomputedTeacher(logits, {p: feats[p] for p in feature_layers(distiller.terms)}, probe_logits)
+        probe_logits = {p: probe(train.features[p], train.masks.get(p)) for p, probe in probes.items()}
+        signal = PrecomputedTeacher(train.logits, {p: train.features[p] for p in feature_layers(distiller.terms)},
+                                    probe_logits)
         log.info("teacher signal: computed once in memory for %d examples in %.2fs (not cached)", len(b.x_train),
                  time.perf_counter() - t0)
     return Built(distiller, signal, None, reports, teacher_val_pred, teacher_test_pred)
@@ -120,7 +121,8 @@ def cache_request(cfgs: list[ExperimentConfig], prep: Prepared, example: torch.T
     for cfg in cfgs:
         if cfg.distill.scheme == "offline":
             terms = [m for _, _, m in build_terms(cfg.distill.terms, cfg.distill.temperature)]
-            req = req.union(CacheRequest(tuple(feature_layers(terms)), tuple(probe_specs(terms)), req.dtype))
+            req = req.union(CacheRequest(tuple(feature_layers(terms)), tuple(probe_specs(terms, prep.teacher)),
+                                        req.dtype))
     return fit_budget(req, cfgs[0], prep, example)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from kdray.config import stable_hash
 from kdray.core.fingerprint import folder_fingerprint
-from kdray.core.text import token_mask
+from kdray.core.text import right_align, token_mask
 from kdray.errors import ConfigError
 from kdray.models.registry import MODELS
 
@@ -80,9 +80,20 @@ class FolderWeights(nn.Module):
         return super().load_state_dict(*args, **kwargs)
 
 
-class HFSequenceClassifier(FolderWeights):
+class TokenLayout:
+    """A wrapper that lays out its token-id batches itself: ``layout_mask`` is the (B, T) mask of real tokens of its
+    last forward, in the layout its hidden states have (read by :class:`kdray.core.hooks.FeatureHooks`), and
+    ``token_pooling`` is how a probe reads a token sequence of it by default (pooling ``auto``)."""
+
+    layout_mask: Optional[torch.Tensor] = None
+    token_pooling = "seq_mean"
+
+
+class HFSequenceClassifier(TokenLayout, FolderWeights):
     """``forward(input_ids)`` -> logits; the attention mask marks real tokens: not kdray's padding (-1) and not
-    ``pad_token_id``."""
+    ``pad_token_id``. Rows are laid out padded on the right whatever side they come padded on (encoders count
+    positions from the first token), so a padded prompt is computed as it would be alone; a probe's ``auto``
+    pooling of its hidden states is the mean over the real tokens."""
 
     def __init__(self, model: nn.Module, pad_token_id: int = 0, origin: Optional[tuple] = None):
         super().__init__()
@@ -92,8 +103,9 @@ class HFSequenceClassifier(FolderWeights):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         input_ids = input_ids.long()
-        mask = token_mask(input_ids, self.pad_token_id)
-        ids = torch.where(mask, input_ids, torch.full_like(input_ids, self.pad_token_id))
+        ids, mask = right_align(input_ids, token_mask(input_ids, self.pad_token_id))
+        ids = torch.where(mask, ids, torch.full_like(ids, self.pad_token_id))
+        self.layout_mask = mask
         return self.model(input_ids=ids, attention_mask=mask.long()).logits
 
 

@@ -6,7 +6,8 @@ each prompt, so logit KD on them is the Probe-KD paper's "answer-token KD" basel
 model's hidden states. Prompts come padded with kdray's -1 (on either side); the wrapper lays each batch out on
 the left with position ids counted over the real tokens, so a padded prompt is computed as it would be alone and
 the hidden state at position -1 is the last real token's (what the ``last`` pooling takes). The inner model's
-module paths are under ``model.``: decoder blocks are ``model.model.layers.N`` (:meth:`HFCausalLM.probe_layers`).
+module paths are under ``model.``: decoder blocks are ``model.model.layers.N`` (what
+:func:`kdray.core.blocks.block_paths` finds).
 """
 from __future__ import annotations
 
@@ -17,16 +18,18 @@ from torch import nn
 
 from kdray.core.text import answer_token_ids, left_align, load_tokenizer, positions, token_mask
 from kdray.errors import ConfigError
-from kdray.models.hf import FolderWeights, import_transformers, load_pretrained, loads_own_weights
+from kdray.models.hf import FolderWeights, TokenLayout, import_transformers, load_pretrained, loads_own_weights
 from kdray.models.registry import MODELS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class HFCausalLM(FolderWeights):
-    """``forward(input_ids)`` -> (B, K) logits of the K answer tokens after each prompt."""
+class HFCausalLM(TokenLayout, FolderWeights):
+    """``forward(input_ids)`` -> (B, K) logits of the K answer tokens after each prompt. Its hidden states are laid
+    out padded on the left (``layout_mask``); a probe's ``auto`` pooling of them is the last real token."""
 
     cache_pooled_dtype = "float16"  # the teacher cache keeps its pooled hidden states in float16 by default
+    token_pooling = "last"
 
     def __init__(self, model: nn.Module, answer_ids: list[int], origin: Optional[tuple] = None):
         super().__init__()
@@ -37,15 +40,10 @@ class HFCausalLM(FolderWeights):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.long()
         ids, mask = left_align(ids, token_mask(ids))
+        self.layout_mask = mask
         ids = ids.clamp_min(0)  # padding positions are masked out; any valid id will do
         out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions(mask), logits_to_keep=1)
         return out.logits[:, -1, self.answer_ids].float()
-
-    def probe_layers(self) -> list[str]:
-        """The decoder blocks' module paths (``model.model.layers.0`` ...), in depth order."""
-        blocks = max((m for m in self.model.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
-        names = {id(m): n for n, m in self.named_modules()}
-        return [names[id(b)] for b in blocks] if blocks is not None else []
 
 
 def resolve_answer_ids(tokenizer: Any, num_classes: int, answer_tokens: Optional[list], vocab: int) -> list[int]:

@@ -258,15 +258,27 @@ def generations_plot(test_accs: list[float], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def depth_order(layer: str) -> list:
-    """A sort key reading the numbers in a module path as numbers (``layers.10`` after ``layers.9``)."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", layer)]
+def layer_labels(layers: list[str]) -> tuple[list[str], str]:
+    """Layer names without the dotted prefix they all share (``model.model.layers.7`` -> ``7``), and that prefix."""
+    parts = [layer.split(".") for layer in layers]
+    shared = 0
+    while parts and all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
+        shared += 1
+    prefix = ".".join(parts[0][:shared]) + "." if shared else ""
+    return [".".join(p[shared:]) for p in parts], prefix
 
 
 def probe_layers_plot(probes: list[dict], teacher_acc: Optional[float], path: str | Path, title: str = "") -> Path:
-    """Where the answer lives: each probe's validation accuracy by teacher layer, in depth order, with the teacher's
-    own (answer-token) accuracy on the same examples as a line."""
-    probes = sorted(probes, key=lambda p: depth_order(p["layer"]))
+    """Where the answer lives (:func:`probe_layers_figure`), saved to ``path``."""
+    return _save(probe_layers_figure(probes, teacher_acc, title), path)
+
+
+def probe_layers_figure(probes: list[dict], teacher_acc: Optional[float], title: str = ""):
+    """Each probe's validation accuracy by teacher layer, in the order of the teacher's forward (the records'
+    ``depth``, else as given), named, with the teacher's own (answer-token) accuracy on the same examples as a
+    line."""
+    if probes and all("depth" in p for p in probes):
+        probes = sorted(probes, key=lambda p: p["depth"])
     fig = _figure(max(5.5, 0.28 * len(probes) + 2), 3.8)
     ax = fig.add_subplot()
     xs = list(range(len(probes)))
@@ -276,16 +288,16 @@ def probe_layers_plot(probes: list[dict], teacher_acc: Optional[float], path: st
                 label="probe train acc")
     if teacher_acc is not None:
         ax.axhline(teacher_acc, color="tab:red", ls="--", label=f"teacher's own output ({teacher_acc:.3f})")
-    ticks = [re.sub(r"^.*?(\d+)$", r"\1", p["layer"]) if re.search(r"\d+$", p["layer"]) else p["layer"]
-             for p in probes]
-    ax.set_xticks(xs, ticks, rotation=90 if len(xs) > 12 else 0, fontsize=7)
-    ax.set_xlabel("teacher layer (depth order)")
+    ticks, prefix = layer_labels([p["layer"] for p in probes])
+    long = len(xs) > 12 or max((len(t) for t in ticks), default=0) > 6
+    ax.set_xticks(xs, ticks, rotation=90 if long else 0, fontsize=7)
+    ax.set_xlabel(f"teacher layer{f' ({prefix}*)' if prefix else ''}, in forward order")
     ax.set_ylabel("validation accuracy")
-    pooling = probes[0]["pooling"] if probes else ""
+    pooling = "/".join(dict.fromkeys(p["pooling"] for p in probes))
     ax.set_title(title or f"probe accuracy by layer ({pooling} pooling)")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    return _save(fig, path)
+    return fig
 
 
 def search_plots(df: pd.DataFrame, metric: str, mode: str, out_dir: str | Path,

@@ -40,8 +40,9 @@ class ProbeKD(Method):
     notes = "probe predictions as soft targets; options `pooling`, `l2`, `max_iter`"
 
     class Options(Strict):
-        # how the layer output becomes a vector
-        pooling: Literal[POOLINGS] = "mean"  # type: ignore[valid-type]
+        # how the layer output becomes a vector; auto: a decoder's last real token, an encoder's mean over real
+        # tokens, a feature map's spatial mean (kdray.core.blocks.resolve_pooling)
+        pooling: Literal[POOLINGS] = "auto"  # type: ignore[valid-type]
         l2: float = Field(1e-3, gt=0)  # L2 penalty of the (multinomial logistic) probe
         max_iter: int = Field(100, ge=1)  # optimizer iterations when fitting the probe
 

@@ -230,11 +230,11 @@ def kdray_probes(raw: dict) -> tuple[dict, Any, dict]:
     y_test = np.asarray(arrays["test"]["label"])
     out = {}
     for rec in found.probes:
-        layer = rec["layer"]
-        logits = column(arrays["test"], f"probe/{layer}/{pooling}/")
+        layer, how = rec["layer"], rec["pooling"]  # ``auto`` as kdray resolved it for this layer
+        logits = column(arrays["test"], f"probe/{layer}/{how}/")
         out[layer] = {**{k: v for k, v in rec.items() if isinstance(v, (int, float, str))},
                       "test_acc": float((logits.argmax(1) == y_test).mean()),
-                      "pooled_test": column(arrays["test"], f"pool/{layer}/{pooling}")}
+                      "pooled_test": column(arrays["test"], f"pool/{layer}/{how}")}
     return out, bundle, {"chosen": found.best["layer"], "teacher_val_acc": found.teacher_val_acc}
 
 

@@ -303,11 +303,13 @@ def logistic_cv(z: np.ndarray, y: np.ndarray, z_test: np.ndarray, y_test: np.nda
     from sklearn.model_selection import StratifiedKFold
 
     folds = int(min(5, np.bincount(y).min()))
-    lr = LogisticRegressionCV(Cs=CS, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), max_iter=5000)
+    lr = LogisticRegressionCV(Cs=CS, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), scoring="accuracy",
+                              max_iter=5000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.9 announces new defaults; these are set
         lr.fit(z, y)
-    c = float(lr.C_[0])
+    c = float(np.ravel(lr.C_)[0])
     return {"test_acc": float((lr.predict(z_test) == y_test).mean()), "C": c, "l2": 1.0 / (c * len(y)),
             "folds": folds}
 

@@ -357,16 +357,18 @@ def test_hf_text_reads_one_saved_dataset_split_by_test_fraction(hf_text_root):
                                   "label": datasets.ClassLabel(names=["negative", "positive"]),
                                   "idx": datasets.Value("int32")})
     folder = _saved(hf_text_root / "glue" / "sst2" / "validation", **SST2, features=features)
+    files = sorted(folder.iterdir())
     params = {"tokenizer": str(hf_text_root / "tok"), "text_field": "sentence", "test_fraction": 0.3}
     raw = load_raw(DataConfig(name="hf_text", root=str(folder), params=params))
     assert raw.meta["layout"] == "one dataset" and raw.meta["classes"] == ["negative", "positive"]
     assert (len(raw.y_train), len(raw.y_test)) == (7, 3) and raw.num_classes == 2
-    expected = datasets.load_from_disk(str(folder)).train_test_split(test_size=0.3, seed=0)["test"]
+    expected = datasets.load_from_disk(str(folder), keep_in_memory=True).train_test_split(test_size=0.3, seed=0)["test"]
     assert raw.y_test.tolist() == list(expected["label"])  # datasets' own split, seed 0, whatever data.seed
     again = load_raw(DataConfig(name="hf_text", root=str(folder), params=params, seed=5))
     assert torch.equal(again.x_test, raw.x_test)
     b = make_bundle(DataConfig(name="hf_text", root=str(folder), params=params, val_fraction=0.0))
     assert len(b.y_train) == 7 and torch.equal(b.x_test, raw.x_test)
+    assert sorted(folder.iterdir()) == files  # read only: no cache files beside the data
 
 
 def test_hf_text_reads_one_folder_per_split_and_text_pairs(hf_text_root):

@@ -192,6 +192,7 @@ def test_a_folder_holding_one_saved_dataset_is_split_by_test_fraction(world, tmp
     rows += [llm.arc_row(q) for q in llm.questions(4, 7, k=3) + llm.questions(2, 8, k=5)]
     folder = tmp_path / "ai2_arc" / "ARC-Easy" / "validation"
     datasets.Dataset.from_list(rows).save_to_disk(folder)
+    files = sorted(folder.iterdir())
     params = {"format": "arc", "teacher_tokenizer": str(world / "models" / "qwen"), "test_fraction": 0.25}
     raw = load_raw(DataConfig(name="multiple_choice", root=str(folder), params=params))
     n_test, dropped = round(0.25 * len(rows)), raw.meta["dropped"]
@@ -205,6 +206,7 @@ def test_a_folder_holding_one_saved_dataset_is_split_by_test_fraction(world, tmp
     assert len(half.y_test) > len(raw.y_test)
     b = bundle(world, root=folder)  # through the bundle, default test_fraction 0.2
     assert b.meta["layout"] == "one dataset" and len(b.y_test) + len(b.y_train) + len(b.y_val) == len(qs)
+    assert sorted(folder.iterdir()) == files  # read only: no cache files beside the data
 
 
 def test_mmlu_split_folders_read_as_splits(world, tmp_path):

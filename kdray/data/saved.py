@@ -7,6 +7,9 @@ and a test ``Dataset`` (for :mod:`kdray.data.hf_text` and :mod:`kdray.data.mc_fi
   :data:`SPLIT_SEED` whatever the experiment's seed (so every run is tested on the same examples), not stratified;
 - one ``Dataset`` folder per split, ``<root>/<train_split>`` and ``<root>/<test_split>`` (e.g. MMLU's
   ``hails/mmlu_no_train/<subject>/{dev,validation,test}``).
+
+Folders are only read: a single Dataset is loaded in memory before it is split, so no cache file lands beside the
+data (an installed package's folder may be read-only).
 """
 from __future__ import annotations
 
@@ -51,9 +54,9 @@ def _datasets():
     return datasets
 
 
-def _load(folder: Path) -> Any:
+def _load(folder: Path, in_memory: bool = False) -> Any:
     try:
-        return _datasets().load_from_disk(str(folder))
+        return _datasets().load_from_disk(str(folder), keep_in_memory=in_memory)
     except (FileNotFoundError, OSError, ValueError) as e:
         raise ConfigError("data.root", str(folder), f"a data set the datasets library can load ({e})") from None
 
@@ -78,8 +81,9 @@ def splits_of(ds: Any, train_split: str, test_split: str, test_fraction: float) 
 
 def load_saved(root: Path, train_split: str, test_split: str, test_fraction: float) -> Splits:
     """The train and test ``Dataset`` of a saved folder in any of the layouts above."""
-    if is_saved_dataset(root):
-        return splits_of(_load(root), train_split, test_split, test_fraction)
+    if is_saved_dataset(root):  # one Dataset is split in memory: train_test_split writes no cache beside it then
+        one = not (root / "dataset_dict.json").is_file()
+        return splits_of(_load(root, in_memory=one), train_split, test_split, test_fraction)
     have = split_folders(root)
     if not have:
         raise ConfigError("data.root", str(root), "a folder written by datasets' save_to_disk (a DatasetDict, one "

@@ -134,6 +134,62 @@ def test_padded_batches_compute_every_prompt_as_it_would_be_alone(world, arch):
     assert block_paths(model) == [f"model.model.layers.{i}" for i in range(3)]
 
 
+def padded(rows: list[list[int]], layout: str, extra: int = 3) -> torch.Tensor:
+    """Token-id rows padded with -1 on the right, on the left, or split between both sides (``mixed``: each row
+    a different split), ``extra`` pads beyond the longest row."""
+    t = max(map(len, rows)) + extra
+    out = torch.full((len(rows), t), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        room = t - len(r)
+        start = {"right": 0, "left": room, "mixed": (i * 2 + 1) % (room + 1)}[layout]
+        out[i, start:start + len(r)] = torch.tensor(r)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "mixed"])
+def test_prompts_padded_on_either_side_answer_as_each_prompt_alone(world, layout):
+    """A caller of a registered student (models:/) usually pads decoder input on the left; kdray's data sets pad on
+    the right: every layout gives each prompt the answer logits it has alone."""
+    model = qwen(world).eval()
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(world / "models" / "qwen")
+    texts = ["Question: What is 3 plus 4?\nA. 7\nB. 8\nC. 9\nD. 6\nAnswer:", "Answer:",
+             "Question: What is 12 plus 19?\nA. 30\nB. 31\nC. 29\nD. 33\nAnswer:", "What is 2 plus 2? Answer:"]
+    rows = [tok(t)["input_ids"] for t in texts]
+    batch = padded(rows, layout)
+    if layout == "mixed":
+        assert (batch[:, 0] == PAD).any() and (batch[:, -1] == PAD).any() and ((batch[:, 0] == PAD) &
+                                                                               (batch[:, -1] == PAD)).any()
+    with torch.no_grad():
+        logits = model(batch)
+        for i, r in enumerate(rows):
+            torch.testing.assert_close(logits[i], model(torch.tensor([r]))[0], atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused_naming_it(world, tmp_path, capsys):
+    """transformers 5 loads such a folder as an empty tokenizer; kdray refuses it (not blaming answer_tokens)."""
+    import shutil
+
+    bare = tmp_path / "weights-only"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(world / "models" / "qwen" / name, bare / name)
+    with pytest.raises(ConfigError, match="usable tokenizer files") as e:
+        build_model(ModelSpec(name="hf_causal_lm", kwargs={"path": str(bare)}), 4, "teacher.model")
+    assert e.value.field == "teacher.model.kwargs.path" and e.value.value == str(bare)
+    assert str(bare) in e.value.allowed and "kwargs.tokenizer" in e.value.allowed
+    # the same folder with its tokenizer given loads
+    spec = ModelSpec(name="hf_causal_lm", kwargs={"path": str(bare), "tokenizer": str(world / "models" / "qwen")})
+    assert build_model(spec, 4).answer_ids.tolist() == qwen(world).answer_ids.tolist()
+    # as the teacher of a multiple-choice run: refused before any work, on the field the tokenizer came from
+    raw = config(world, **{"teacher.model.kwargs.path": str(bare)})
+    assert main(["train", write(tmp_path, raw), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "data.params.teacher_tokenizer" in err and str(bare) in err and "Traceback" not in err
+    assert "answer_tokens" not in err and not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # the data
 
@@ -473,5 +529,71 @@ def test_a_causal_lm_student_answers_with_its_own_answer_tokens(world, tmp_path)
     finally:
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     assert serialization == "pickle"  # token ids of any length: torch.export would fix the example's
-    y = predict_in_fresh_process("models:/lm-student@challenger", x, uri, tmp_path)
-    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+    # the same prompts padded on the left (as callers pad decoder input) answer alike
+    rows = [[t for t in row if t != PAD] for row in x.tolist()]
+    left = padded(rows, "left", extra=x.shape[1] - max(map(len, rows))).numpy()
+    y = predict_in_fresh_process("models:/lm-student@challenger", np.concatenate([x, left]), uri, tmp_path)
+    np.testing.assert_allclose(y, np.concatenate([expected, expected]), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# the oldest transformers kdray supports
+
+
+FLOOR_TESTS = ("answer_tokens_are or padded or without_tokenizer or hf_sequence or task_head or chat_template or "
+               "truncat or share_the_tokenizer or probe_candidates or pools_the_same or cached_pass")
+FLOOR_FILES = ("test_llm.py", "test_models.py", "test_pooling_layers.py")  # the MoE blocks differ in 4.x
+FLOOR_PINS = ("tokenizers==0.22.1", "huggingface_hub==0.35.3")  # what transformers 4.56.0 accepts (hub < 1.0)
+NO_REGISTRY = ("NewConnectionError", "Max retries exceeded", "Temporary failure in name resolution",
+               "Network is unreachable", "No matching distribution found", "ProxyError", "timed out")
+
+
+def floor_packages() -> Path:
+    """transformers at kdray's floor and the tokenizers and huggingface_hub it accepts, installed with
+    ``pip --target`` once into ~/.cache/kdray-test (reruns reuse it)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from kdray.core.hf_package import TRANSFORMERS_MIN
+
+    version = f"{TRANSFORMERS_MIN}.0"
+    target = Path.home() / ".cache" / "kdray-test" / f"transformers-{version}"
+    if (target / "transformers" / "__init__.py").is_file():
+        return target
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--disable-pip-version-check",
+                           "--target", str(tmp), f"transformers=={version}", *FLOOR_PINS],
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if any(w in done.stderr + done.stdout for w in NO_REGISTRY):
+            pytest.skip(f"pip cannot reach the package registry to install transformers=={version}: "
+                        f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        raise AssertionError(done.stderr[-3000:])
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+@pytest.mark.slow
+def test_the_language_model_path_works_on_the_oldest_supported_transformers(tmp_path):
+    """The LM tests above that load models and tokenizers, in a fresh process whose transformers is the floor of
+    pyproject's hf extra (the main suite runs the newest)."""
+    import subprocess
+    import sys
+
+    from kdray.core.hf_package import TRANSFORMERS_MIN
+
+    target = floor_packages()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    seen = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__, "
+                           "transformers.__file__)"], env=env, capture_output=True, text=True, timeout=120)
+    version, where = seen.stdout.split()
+    assert version == f"{TRANSFORMERS_MIN}.0" and where.startswith(str(target)), seen.stdout + seen.stderr
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-k", FLOOR_TESTS, *(str(REPO / "tests" / f) for f in FLOOR_FILES)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout

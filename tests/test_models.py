@@ -221,9 +221,65 @@ def test_hf_sequence_classifier_config_only(tiny_bert):
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 4)
 
 
+def test_a_smaller_student_from_the_teachers_config(tiny_bert):
+    spec = ModelSpec(name="hf_sequence_classifier", kwargs={"path": str(tiny_bert), "config_only": True,
+                                                            "config": {"num_hidden_layers": 1}})
+    model = build_model(spec, 4)
+    assert len(model.model.bert.encoder.layer) == 1 and model(torch.tensor([[1, 2, 3]])).shape == (1, 4)
+    e = _err(build_model, ModelSpec(name="hf_sequence_classifier", kwargs={
+        "path": str(tiny_bert), "config_only": True, "config": {"num_hiden_layers": 1}}), 4, "student")
+    assert e.field == "student.kwargs.config.num_hiden_layers" and "num_hidden_layers" in str(e)
+    e = _err(build_model, ModelSpec(name="hf_sequence_classifier", kwargs={
+        "path": str(tiny_bert), "config": {"num_hidden_layers": 1}}), 4, "student")
+    assert e.field == "student.kwargs.config" and "config_only" in str(e)
+
+
 def test_hf_sequence_classifier_bad_path(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     missing = str(tmp_path / "nope")
     e = _err(build_model, ModelSpec(name="hf_sequence_classifier", kwargs={"path": missing}), 2, "teacher.model")
     assert e.field == "teacher.model.kwargs.path" and e.value == missing
+
+
+def test_a_pretrained_encoder_without_a_task_head_loads_with_one_line_saying_its_head_is_new(tiny_bert, caplog, capfd):
+    """A BertModel-only folder (a sentence encoder as published): one kdray line, not the library's report."""
+    import logging
+
+    import transformers
+
+    before = transformers.utils.logging.get_verbosity()
+    with caplog.at_level(logging.INFO, logger="kdray"):
+        build_model(ModelSpec(name="hf_sequence_classifier", kwargs={"path": str(tiny_bert)}), 3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "kdray"]
+    assert len(lines) == 1 and "has no classification head" in lines[0] and "untrained" in lines[0]
+    assert "classifier.weight" in lines[0] and str(tiny_bert) in lines[0]
+    out, err = capfd.readouterr()
+    for words in ("newly initialized", "LOAD REPORT", "MISSING", "Some weights"):
+        assert words not in out + err
+    assert transformers.utils.logging.get_verbosity() == before  # restored after the load
+    # a folder with its head: no line at all
+    caplog.clear()
+    model = build_model(ModelSpec(name="hf_sequence_classifier", kwargs={"path": str(tiny_bert)}), 3)
+    model.model.save_pretrained(tiny_bert.parent / "with-head")
+    with caplog.at_level(logging.INFO, logger="kdray"):
+        build_model(ModelSpec(name="hf_sequence_classifier", kwargs={"path": str(tiny_bert.parent / "with-head")}), 3)
+    assert not [r for r in caplog.records if r.name == "kdray"]
+
+
+def test_the_transformers_floor_is_the_one_in_pyproject_and_older_versions_are_refused_naming_it():
+    import re
+    import tomllib
+
+    from kdray.core.hf_package import TRANSFORMERS_MIN, check_transformers, check_version
+
+    extra = tomllib.loads((HELPERS.parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]["hf"]
+    assert f"transformers>={TRANSFORMERS_MIN}" in extra
+    check_transformers("teacher.model.name", "hf_causal_lm")  # the installed one is new enough
+    for old in ("4.40.2", "4.55.4", "3.5"):
+        e = _err(check_version, old, "teacher.model.name", "hf_causal_lm")
+        assert e.field == "teacher.model.name" and f"transformers >= {TRANSFORMERS_MIN}" in e.allowed
+        assert old in e.allowed and "kwargs" not in e.field
+    for ok in (TRANSFORMERS_MIN, "4.56.0.dev0", "4.57.1", "5.25.0"):
+        check_version(ok, "teacher.model.name", "hf_causal_lm")
+    assert re.fullmatch(r"\d+\.\d+", TRANSFORMERS_MIN)

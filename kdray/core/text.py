@@ -1,9 +1,10 @@
 """Token-id inputs and multiple-choice prompts, shared by the data sets that make them and the models that read them.
 
 * Padding: kdray pads token-id tensors with :data:`PAD` (-1), a value no tokenizer uses, so a model wrapper knows
-  every real token whatever the tokenizer's own pad token is (:func:`token_mask`). Rows are padded on the right;
-  a decoder-only wrapper re-lays them out on the left (:func:`left_align`), so position -1 is the last real token,
-  and an encoder wrapper on the right (:func:`right_align`): input padded on either side reads the same.
+  every real token whatever the tokenizer's own pad token is (:func:`token_mask`). kdray's data sets pad rows on
+  the right; a decoder-only wrapper re-lays any layout out on the left (:func:`left_align`), so position -1 is the
+  last real token, and an encoder wrapper on the right (:func:`right_align`): input padded on either side (or
+  both) reads the same.
 * Multiple choice: choices are lettered ``A, B, C ...`` (:data:`CHOICE_LETTERS`) and a prompt ends with
   :data:`ANSWER_CUE`; the answer token of letter ``L`` is the one token that follows the cue when ``" L"`` (or
   ``"L"``) is appended (:func:`answer_token_ids`).
@@ -16,6 +17,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from kdray.core.hf_package import import_transformers
 from kdray.errors import ConfigError
 
 PAD = -1
@@ -83,17 +85,33 @@ def length_batches(x: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Ten
         yield idx, x[idx, :max(int(lengths[idx].max()), 1)]
 
 
+PROBE_TEXT = "Question: What is 1 plus 1?\nA. 2\nB. 3\nAnswer: A"  # any tokenizer of a text model reads this
+GIVE_TOKENIZER = ("give the tokenizer's folder or hub name (a model's kwargs.tokenizer, or data.params.tokenizer / "
+                  "teacher_tokenizer / student_tokenizer)")
+
+
 def load_tokenizer(path: str, field: str) -> Any:
-    """``AutoTokenizer.from_pretrained(path)``; a missing ``transformers`` or a folder or hub name it cannot load is
-    a ConfigError on ``field``."""
+    """``AutoTokenizer.from_pretrained(path)``; a missing or too old ``transformers``, a folder or hub name it cannot
+    load, or a tokenizer that reads :data:`PROBE_TEXT` as nothing or only unknown tokens (a model folder without
+    tokenizer files loads as such an empty tokenizer in ``transformers`` 5) is a ConfigError on ``field``."""
+    transformers = import_transformers(field, path)
     try:
-        import transformers
-    except ImportError:
-        raise ConfigError(field, path, "pip install 'kdray[hf]' (needs the optional transformers package)") from None
-    try:
-        return transformers.AutoTokenizer.from_pretrained(path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(field, path, f"a tokenizer folder or hub name transformers can load ({e})") from None
+        raise ConfigError(field, path, f"a folder or hub name with usable tokenizer files: transformers cannot load a "
+                                       f"tokenizer from {path} ({e}); {GIVE_TOKENIZER}") from None
+    check_usable(tokenizer, path, field)
+    return tokenizer
+
+
+def check_usable(tokenizer: Any, path: str, field: str) -> None:
+    """``tokenizer`` reads :data:`PROBE_TEXT` as some token that is not its unknown token."""
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if not any(t != unknown for t in ids):
+        reads = "no tokens" if not ids else f"{len(ids)} unknown tokens"
+        raise ConfigError(field, path, f"a folder or hub name with usable tokenizer files: {path} has none (its "
+                                       f"tokenizer reads {PROBE_TEXT!r} as {reads}); {GIVE_TOKENIZER}")
 
 
 # --------------------------------------------------------------------------------------------------

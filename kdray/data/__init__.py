@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from kdray.config import DataConfig, config_error_from, stable_hash
 from kdray.core.bundle import DataBundle, TeacherView
+from kdray.core.hf_package import check_transformers
 # importing the built-in data sets registers them
 from kdray.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, CifarParams, RestrictedUnpickler
 from kdray.data.hf_text import HF_INSTALL_HINT, HFTextParams
@@ -71,9 +72,9 @@ def check_data_params(cfg: DataConfig, field: str) -> None:
         if not Path(cfg.root).expanduser().exists():
             raise ConfigError(f"{field}.root", cfg.root, f"an existing folder for data set {cfg.name}: {hint}")
     if cfg.name in ("hf_text", "multiple_choice"):
-        for pkg in ("datasets", "transformers"):
-            if importlib.util.find_spec(pkg) is None:
-                raise ConfigError(f"{field}.name", cfg.name, HF_INSTALL_HINT)
+        if importlib.util.find_spec("datasets") is None:
+            raise ConfigError(f"{field}.name", cfg.name, HF_INSTALL_HINT)
+        check_transformers(f"{field}.name", cfg.name, HF_INSTALL_HINT)
 
 
 def load_raw(cfg: DataConfig, cache_dir: str | None = None) -> RawData:

@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 
 from kdray.config import DataConfig
+from kdray.core.hf_package import check_transformers
 from kdray.core.text import load_tokenizer, pad_rows
 from kdray.data.registry import Params, RawData, register_dataset
 from kdray.data.saved import Splits, load_saved, splits_of
@@ -39,6 +40,7 @@ class HFTextParams(Params):
 
 
 def _hf_imports():
+    check_transformers("data.name", "hf_text", HF_INSTALL_HINT)
     try:
         import datasets
         import transformers

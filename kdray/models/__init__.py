@@ -32,7 +32,6 @@ and so is a teacher without a checkpoint or recipe.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import warnings
 from typing import Any, Callable, Optional
@@ -41,9 +40,10 @@ from pydantic import ConfigDict, ValidationError, create_model
 from torch import nn
 
 from kdray.config import ModelSpec, config_error_from
+from kdray.core.hf_package import check_transformers
 from kdray.errors import ConfigError
 # importing the built-in models registers them
-from kdray.models.hf import HF_INSTALL_HINT, HFSequenceClassifier, hf_sequence_classifier
+from kdray.models.hf import HFSequenceClassifier, hf_sequence_classifier
 from kdray.models.hf_lm import HFCausalLM, hf_causal_lm
 from kdray.models.mnist1d import MNIST1DCNN, MNIST1DMLP
 from kdray.models.registry import MODELS, PosInt
@@ -146,8 +146,7 @@ def check_model_spec(spec: ModelSpec, field: str) -> None:
     """
     factory = resolve_factory(spec.name, field)
     if factory in (hf_sequence_classifier, hf_causal_lm):
-        if importlib.util.find_spec("transformers") is None:
-            raise ConfigError(f"{field}.name", spec.name, HF_INSTALL_HINT)
+        check_transformers(f"{field}.name", spec.name)
     _check_kwargs(factory, spec.kwargs, field)
 
 

@@ -73,17 +73,18 @@ def _one_token(tokenizer: Any, text: str) -> Optional[int]:
 @MODELS.register("hf_causal_lm")
 def hf_causal_lm(num_classes: int, *, path: str, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
                  answer_tokens: Optional[list[Union[str, int]]] = None, tokenizer: Optional[str] = None,
-                 config_only: bool = False) -> nn.Module:
+                 config_only: bool = False, config: Optional[dict[str, Any]] = None) -> nn.Module:
     """A ``transformers`` causal LM from a local folder or hub name, answering ``num_classes`` choices.
 
     ``dtype`` is the weights' dtype (``bfloat16`` for large teachers on a GPU); ``answer_tokens`` overrides the
     answer tokens found from the tokenizer (``tokenizer``, default: ``path``); ``config_only`` builds a randomly
-    initialised model from the folder's config (a student to train)."""
+    initialised model from the folder's config (a student to train), with the values of ``config`` changed (e.g.
+    fewer ``num_hidden_layers``)."""
     tf = import_transformers("hf_causal_lm")
     if dtype not in DTYPES:
         raise ConfigError("kwargs.dtype", dtype, "one of " + ", ".join(DTYPES))
     tok = load_tokenizer(tokenizer or path, "kwargs.tokenizer" if tokenizer else "kwargs.path")
-    model = load_pretrained(tf.AutoModelForCausalLM, path, config_only, dtype=DTYPES[dtype])
+    model = load_pretrained(tf.AutoModelForCausalLM, path, config_only, config, dtype=DTYPES[dtype])
     vocab = model.get_input_embeddings().num_embeddings
     ids = resolve_answer_ids(tok, num_classes, answer_tokens, vocab)
     return HFCausalLM(model, ids, None if config_only else (path, dtype, ids))

@@ -24,14 +24,15 @@ by layer, and the students they teach (issue 22).
   beside them ``LogisticRegressionCV`` (``Cs`` log-spaced 1e-4..1e4, 5-fold stratified CV on the labelled
   training examples, raw features) on the attention-masked mean of the same layer's output, computed here from the
   teacher's hidden states (the reference). ``same_states`` says whether kdray's pooled state equals that masked mean.
-* **Students**, per budget and draw, of one config (``--student-hidden``, ``--student-layers``: a small BERT from
-  its config with the teacher's tokenizer, trained from scratch by ``kdray.experiment.run``) that differs only
+* **Students**, per budget and draw, of one config (the teacher folder's config made smaller by
+  ``hf_sequence_classifier``'s ``kwargs.config``: ``--student-hidden``, ``--student-layers``; the teacher's tokenizer
+  and vocabulary; trained from scratch by ``kdray.experiment.run``) that differs only
   in the method: ``hard`` (CE on the labelled examples) and ``probe_kd`` (``0.1 CE + 0.9 probe KD``, T =
   ``--temperature``, on the layer whose probe has the best validation accuracy; the rest of the training split is
   the transfer set).
 
 Usage: ``python benchmarks/probe_quality.py --data FOLDER [--teacher FOLDER] [--budgets 0.05 0.1 0.5]
-[--seeds 0 1 2] [--epochs 20] [--work DIR] [--plot PNG] [--markdown FILE]`` (about 10 minutes on a shared 2-core
+[--seeds 0 1 2] [--epochs 20] [--work DIR] [--plot PNG] [--markdown FILE]`` (about 4 minutes on a shared 2-core
 CPU with MiniLM); ``--tiny`` runs on generated sentences in SST-2's layout with a tiny teacher it trains (seconds;
 no package needed). Progress and markdown tables go to stderr; the last line of stdout is a JSON object.
 """
@@ -110,7 +111,8 @@ def word_tokenizer(texts: list[str]):
 
 
 def save_bert(folder: Path, tok, hidden: int, layers: int, max_length: int) -> Path:
-    """A small BERT classifier's config (kdray builds it from the config: ``config_only``) with ``tok``."""
+    """A small BERT classifier's config (kdray builds it from the config: ``config_only``) with ``tok``: the made
+    teacher's folder."""
     import transformers as tf
 
     cfg = tf.BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
@@ -129,7 +131,7 @@ def texts_of(folder: str, field: str) -> list[str]:
 
 
 def make_world(work: Path, args: argparse.Namespace) -> dict:
-    """The data folder, the tokenizer, the teacher's model spec (and recipe) and the student's folder."""
+    """The data folder, the tokenizer, the teacher's model spec (and recipe) and the student's model spec."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -139,7 +141,6 @@ def make_world(work: Path, args: argparse.Namespace) -> dict:
     if args.teacher:
         world["tokenizer"] = args.teacher
         world["teacher"] = {"model": {"name": "hf_sequence_classifier", "kwargs": {"path": args.teacher}}}
-        tok = transformers.AutoTokenizer.from_pretrained(args.teacher)
     else:
         tok = word_tokenizer(texts_of(data, args.text_field))
         folder = save_bert(work / "models" / "teacher", tok, args.teacher_hidden, args.teacher_layers, args.max_length)
@@ -148,8 +149,12 @@ def make_world(work: Path, args: argparse.Namespace) -> dict:
                                                                                    "config_only": True}},
                             "recipe": {"seed": 0, "data": data_section(world, 1.0, 0, args),
                                        "train": train_section(args.teacher_epochs, args.teacher_lr)}}
-    world["student"] = str(save_bert(work / "models" / "student", tok, args.student_hidden, args.student_layers,
-                                     args.max_length))
+    # the student: the teacher folder's config, smaller (kwargs.config), trained from scratch with its tokenizer
+    world["student"] = {"name": "hf_sequence_classifier", "kwargs": {
+        "path": world["tokenizer"], "config_only": True,
+        "config": {"hidden_size": args.student_hidden, "num_hidden_layers": args.student_layers,
+                   "num_attention_heads": max(1, args.student_hidden // 32),
+                   "intermediate_size": 2 * args.student_hidden}}}
     return world
 
 
@@ -193,7 +198,7 @@ def experiment_raw(world: dict, frac: float, seed: int, args: argparse.Namespace
         terms, ce = [{"method": "probe_kd", "weight": 0.9, "teacher_layers": [layer], "options": probe_options()}], 0.1
     return {"name": f"probe-quality-{method}-{round(frac * 1e4)}-{seed}", "seed": seed, "cache_dir": world["cache"],
             "data": data_section(world, frac, seed, args), "teacher": world["teacher"],
-            "student": {"name": "hf_sequence_classifier", "kwargs": {"path": world["student"], "config_only": True}},
+            "student": world["student"],
             "distill": {"temperature": args.temperature, "ce_weight": ce, "terms": terms},
             "train": train_section(args.epochs, args.lr)}
 

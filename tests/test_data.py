@@ -389,6 +389,20 @@ def test_hf_text_reads_one_folder_per_split_and_text_pairs(hf_text_root):
     assert e.field == "data.params.text_pair_field" and "sentence2" in e.allowed
 
 
+def test_hf_text_checks_the_tokenizer_on_the_data_s_own_texts(hf_text_root):
+    """A tokenizer of the data's domain (it knows none of kdray's probe question) is usable; a folder without
+    tokenizer files is refused naming data.params.tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    folder = _saved(hf_text_root / "sst2", **SST2)
+    params = {"tokenizer": str(hf_text_root / "tok"), "text_field": "sentence"}
+    assert load_raw(DataConfig(name="hf_text", root=str(folder), params=params)).x_train.max() > 1  # known words
+    transformers.BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                            intermediate_size=8).save_pretrained(hf_text_root / "no-tokenizer")
+    e = _err(load_raw, DataConfig(name="hf_text", root=str(folder),
+                                  params={**params, "tokenizer": str(hf_text_root / "no-tokenizer")}))
+    assert e.field == "data.params.tokenizer" and "usable tokenizer files" in e.allowed
+
+
 def test_hf_text_labels_strings_booleans_and_refused_ones(hf_text_root):
     pytest.importorskip("datasets")
     tok, text = str(hf_text_root / "tok"), SST2["sentence"]

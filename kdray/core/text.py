@@ -90,28 +90,31 @@ GIVE_TOKENIZER = ("give the tokenizer's folder or hub name (a model's kwargs.tok
                   "teacher_tokenizer / student_tokenizer)")
 
 
-def load_tokenizer(path: str, field: str) -> Any:
+def load_tokenizer(path: str, field: str, sample: str = PROBE_TEXT) -> Any:
     """``AutoTokenizer.from_pretrained(path)``; a missing or too old ``transformers``, a folder or hub name it cannot
-    load, or a tokenizer that reads :data:`PROBE_TEXT` as nothing or only unknown tokens (a model folder without
-    tokenizer files loads as such an empty tokenizer in ``transformers`` 5) is a ConfigError on ``field``."""
+    load, or a tokenizer that reads ``sample`` (default :data:`PROBE_TEXT`; a data set passes its own texts, which a
+    tokenizer of its domain reads even when it knows no word of the probe) as nothing or only unknown tokens (a model
+    folder without tokenizer files loads as such an empty tokenizer in ``transformers`` 5) is a ConfigError on
+    ``field``."""
     transformers = import_transformers(field, path)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(field, path, f"a folder or hub name with usable tokenizer files: transformers cannot load a "
                                        f"tokenizer from {path} ({e}); {GIVE_TOKENIZER}") from None
-    check_usable(tokenizer, path, field)
+    check_usable(tokenizer, path, field, sample)
     return tokenizer
 
 
-def check_usable(tokenizer: Any, path: str, field: str) -> None:
-    """``tokenizer`` reads :data:`PROBE_TEXT` as some token that is not its unknown token."""
-    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+def check_usable(tokenizer: Any, path: str, field: str, sample: str = PROBE_TEXT) -> None:
+    """``tokenizer`` reads ``sample`` as some token that is not its unknown token."""
+    ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
     unknown = getattr(tokenizer, "unk_token_id", None)
     if not any(t != unknown for t in ids):
         reads = "no tokens" if not ids else f"{len(ids)} unknown tokens"
+        shown = sample if len(sample) <= 80 else sample[:77] + "..."
         raise ConfigError(field, path, f"a folder or hub name with usable tokenizer files: {path} has none (its "
-                                       f"tokenizer reads {PROBE_TEXT!r} as {reads}); {GIVE_TOKENIZER}")
+                                       f"tokenizer reads {shown!r} as {reads}); {GIVE_TOKENIZER}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -326,6 +326,53 @@ def test_the_student_reads_its_own_view_and_the_teacher_its_prompt(world):
                                                                       "student_layers": ["model.bert.pooler"]}]})))
 
 
+@pytest.mark.parametrize("kind,ending", [("plain", "<|im_start|>assistant\nAnswer:"),
+                                         ("own_cue", "<|assistant|>\nAnswer:"), ("response", "### Response:")])
+def test_a_chat_template_prompt_ends_with_one_answer_cue_its_own_when_it_has_one(world, tmp_path, kind, ending):
+    import transformers
+
+    folder = llm.save_chat_tokenizer(tmp_path / kind, kind)
+    b = bundle(world, teacher_tokenizer=str(folder), chat_template=True)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    for row in b.teacher_x("test")[:5]:
+        text = tok.decode([t for t in row.tolist() if t != PAD])
+        assert text.endswith(ending) and text.count("Answer:") == ending.count("Answer:"), text
+        assert "What is" in text and "\nD. " in text
+    assert b.two_views  # the student (no chat template) reads the plain prompt
+
+
+def test_truncation_keeps_the_chat_template_the_choices_and_the_cue_and_is_counted(world, tmp_path, caplog):
+    import logging
+
+    import transformers
+
+    folder = llm.save_chat_tokenizer(tmp_path / "chat", "plain")
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    full = bundle(world, teacher_tokenizer=str(folder), chat_template=True)
+    assert full.meta["truncated"] == {"teacher": {"train": 0, "test": 0}, "student": {"train": 0, "test": 0}}
+    lengths = (full.teacher_x("test") != PAD).sum(1)
+    limit = int(lengths.min()) - 3  # every prompt a few tokens too long: the question's first words go
+    with caplog.at_level(logging.WARNING, logger="kdray"):
+        b = bundle(world, teacher_tokenizer=str(folder), chat_template=True, max_length=limit,
+                   student_tokenizer=str(world / "models" / "bert"), student_max_length=12)
+    n_train, n_test = len(b.y_train) + len(b.y_val), len(b.y_test)
+    assert b.meta["truncated"]["teacher"] == {"train": n_train, "test": n_test}
+    assert b.meta["truncated"]["student"] == {"train": n_train, "test": n_test}
+    assert any("of the teacher view are longer than max_length" in r.getMessage() for r in caplog.records)
+    assert any("of the student view are longer than student_max_length=12" in r.getMessage() for r in caplog.records)
+    for row in b.teacher_x("test")[:8]:
+        ids = [t for t in row.tolist() if t != PAD]
+        text = tok.decode(ids)
+        assert len(ids) <= limit
+        assert text.startswith("<|im_start|>system\n" + llm.SYSTEM)  # the template's own prefix survives
+        assert text.endswith("<|im_end|>\n<|im_start|>assistant\nAnswer:") and "\nD. " in text and "?\nA. " in text
+        assert "Question: What" not in text  # the question's start was cut, inside the user turn
+    # without a chat template the tokenizer keeps its special tokens: [CLS] ... [SEP] with the answer cue
+    bert = transformers.AutoTokenizer.from_pretrained(world / "models" / "bert")
+    s = bert.convert_ids_to_tokens([t for t in b.x_test[0].tolist() if t != PAD])
+    assert len(s) == 12 and s[0] == "[CLS]" and s[-1] == "[SEP]" and s[-3:-1] == ["Answer", ":"]
+
+
 # --------------------------------------------------------------------------------------------------
 # the teacher pass and the cache
 
@@ -356,6 +403,41 @@ def test_one_teacher_pass_stores_every_layer_and_the_answer_logits(world, tmp_pa
     assert get_cache(prep.teacher, prep.bundle, req, cache_root=str(tmp_path), batch_size=16).hit and not calls
     memo = json.loads((Path(os.environ["KDRAY_CACHE_DIR"]) / "fingerprints.json").read_text())
     assert str((world / "models" / "qwen" / "model.safetensors").resolve()) in memo
+
+
+def test_pooled_states_beyond_float16_are_stored_in_float32_never_inf(world, tmp_path, caplog):
+    """"Massive activations": a block whose outputs exceed 65504 (its MLP scaled) is stored in float32 in every
+    split; the others stay float16; the manifest records each column's dtype and the probes fit."""
+    import logging
+    import shutil
+
+    import transformers
+
+    folder = tmp_path / "massive"
+    shutil.copytree(world / "models" / "qwen", folder)
+    lm = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        lm.model.layers[1].mlp.down_proj.weight.mul_(1e8)
+    lm.save_pretrained(folder)
+    cfg = parse_config(config(world, cache_dir=str(tmp_path), **{"teacher.model.kwargs.path": str(folder)}))
+    prep = prepare(cfg)
+    layers = [f"model.model.layers.{i}" for i in range(3)]
+    req = CacheRequest((), tuple(ProbeSpec(p, "last", 1e-3, 100) for p in layers), pooled_dtype="float16")
+    with caplog.at_level(logging.WARNING, logger="kdray"):
+        cache = get_cache(prep.teacher, prep.bundle, req, cache_root=str(tmp_path), batch_size=16)
+    wide = [f"pool/{p}/last" for p in layers[1:]]
+    assert cache.manifest["pooled_dtypes"] == {"pool/model.model.layers.0/last": "float16",
+                                               **{c: "float32" for c in wide}}
+    for split in ("train", "val", "test"):
+        assert cache.arrays[split]["pool/model.model.layers.0/last"].dtype == np.float16
+        for c in wide:
+            a = cache.arrays[split][c]
+            assert a.dtype == np.float32 and np.isfinite(a).all()
+    assert np.abs(cache.arrays["train"][wide[0]]).max() > 65504  # float16 would have made it inf
+    assert all(np.isfinite(p["val_acc"]) for p in cache.manifest["probes"])
+    assert any("beyond float16's range" in r.getMessage() and wide[0] in r.getMessage() for r in caplog.records)
+    again = get_cache(prep.teacher, prep.bundle, req, cache_root=str(tmp_path), batch_size=16)
+    assert again.hit and again.loaded().arrays["test"][wide[0]].dtype == np.float32
 
 
 def test_a_changed_model_folder_gets_a_new_fingerprint(world, tmp_path):
@@ -408,6 +490,7 @@ def test_train_distils_a_bert_student_on_its_own_tokens(world, tmp_path, term, c
     assert 0 <= summary["test_acc"] <= 1 and summary["teacher"]["teacher_classes"] == 4
     assert "teacher_test_acc" in summary["teacher"]
     assert summary["data"]["dropped"] == {"train": 0, "test": 0} and summary["data"]["two_views"] is True
+    assert summary["data"]["truncated"] == {"teacher": {"train": 0, "test": 0}, "student": {"train": 0, "test": 0}}
     if term["method"] == "probe_kd":
         assert summary["probes"][0]["layer"] == "model.model.layers.2"
 
@@ -431,6 +514,45 @@ def test_bad_input_is_refused_before_any_work(world, tmp_path, changes, words, c
     for w in words:
         assert w in message[0], (w, message[0])
     assert not (tmp_path / "run").exists() and not list((cache / "teacher_outputs").glob("*"))
+
+
+def test_the_teachers_of_an_ensemble_share_the_tokenizer_of_the_teacher_view(world, tmp_path, capsys):
+    """An extra LM teacher with another tokenizer would be given the main teacher's token ids: refused before any
+    work, naming it; one whose tokenizer reads text alike (another folder, the same vocabulary) is accepted."""
+    from kdray.experiment.preflight import check_teacher_tokenizers
+
+    other = llm.save_causal_lm(tmp_path / "other-vocab", "llama", seed=2)
+    llm.bpe_tokenizer(300).save_pretrained(other)  # the same kind of tokenizer, a smaller vocabulary
+    extra = {"model": {"name": "hf_causal_lm", "kwargs": {"path": str(other)}}, "weight": 1.0}
+    raw = config(world, cache_dir=str(tmp_path / "cache"), extra_teachers=[extra])
+    e = pytest.raises(ConfigError, check_teacher_tokenizers, parse_config(raw)).value
+    assert e.field == "extra_teachers[0].model.kwargs.path" and e.value == str(other)
+    assert "all teachers of an ensemble must share the tokenizer" in e.allowed and "vocabularies differ" in e.allowed
+    assert str(world / "models" / "qwen") in e.allowed  # the teacher view's tokenizer, named
+    assert main(["train", write(tmp_path, raw), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "extra_teachers[0].model.kwargs.path" in err and "Traceback" not in err and not (tmp_path / "run").exists()
+    assert not list((tmp_path / "cache").glob("teacher_outputs/*"))
+    # the extra teacher's own tokenizer named in kwargs.tokenizer: refused on that field
+    extra["model"]["kwargs"] = {"path": str(world / "models" / "llama"), "tokenizer": str(other)}
+    e = pytest.raises(ConfigError, check_teacher_tokenizers, parse_config(raw)).value
+    assert e.field == "extra_teachers[0].model.kwargs.tokenizer"
+    # an encoder teacher (hf_sequence_classifier) with its own word-level tokenizer: refused the same way
+    raw_bert = config(world, cache_dir=str(tmp_path / "cache"), extra_teachers=[
+        {"model": {"name": "hf_sequence_classifier", "kwargs": {"path": str(world / "models" / "bert")}}}])
+    e = pytest.raises(ConfigError, check_teacher_tokenizers, parse_config(raw_bert)).value
+    assert e.field == "extra_teachers[0].model.kwargs.path" and "must share the tokenizer" in e.allowed
+    # another Qwen2 model (other weights, another folder) with the same tokenizer: accepted, its own answer tokens
+    same = llm.save_causal_lm(tmp_path / "qwen-b", "qwen2", seed=3)
+    extra["model"]["kwargs"] = {"path": str(same)}
+    cfg = parse_config(raw)
+    check_teacher_tokenizers(cfg)
+    assert "tokenizer" not in cfg.extra_teachers[0].model.kwargs  # not silently given the teacher view's
+    assert build_model(cfg.extra_teachers[0].model, 4).answer_ids.tolist() == qwen(world).answer_ids.tolist()
+    from kdray.experiment.preflight import check_experiment
+
+    cfg.distill.terms[0].teacher_layers = ["0.model.model.layers.1"]  # an ensemble: layers under its members
+    check_experiment(cfg)  # the ensemble runs on the teacher view
 
 
 def test_an_answer_label_outside_the_choices_is_refused_naming_the_row(world, tmp_path, capsys):
@@ -563,8 +685,8 @@ def floor_packages() -> Path:
         return target
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--disable-pip-version-check",
-                           "--target", str(tmp), f"transformers=={version}", *FLOOR_PINS],
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet",
+                           "--disable-pip-version-check", "--target", str(tmp), f"transformers=={version}", *FLOOR_PINS],
                           capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)

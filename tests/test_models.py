@@ -283,3 +283,12 @@ def test_the_transformers_floor_is_the_one_in_pyproject_and_older_versions_are_r
     for ok in (TRANSFORMERS_MIN, "4.56.0.dev0", "4.57.1", "5.25.0"):
         check_version(ok, "teacher.model.name", "hf_causal_lm")
     assert re.fullmatch(r"\d+\.\d+", TRANSFORMERS_MIN)
+
+
+def test_an_encoder_folder_without_tokenizer_files_is_refused_as_a_tokenizer_naming_it(tiny_bert):
+    """transformers 5 loads it as a BertTokenizer of its 5 special tokens; 4.x cannot load it: the same refusal."""
+    from kdray.core.text import load_tokenizer
+
+    e = _err(load_tokenizer, str(tiny_bert), "data.params.student_tokenizer")
+    assert e.field == "data.params.student_tokenizer" and e.value == str(tiny_bert)
+    assert "usable tokenizer files" in e.allowed and str(tiny_bert) in e.allowed

@@ -138,7 +138,8 @@ class TeacherCacheConfig(Strict):
     dtype: Literal["float32", "float16"] = "float32"  # of stored layer outputs (logits stay float32)
     # full layer outputs (all splits) above this many MB are stored in float16; still above it, not cached
     max_feature_mb: float = Field(2048.0, gt=0)
-    # of the pooled outputs that probes read: auto is float16 for language-model teachers (hf_causal_lm), else float32
+    # of the pooled outputs that probes read: auto is float16 for language-model teachers (hf_causal_lm), else float32;
+    # a float16 column whose values exceed float16's range (65504) is stored in float32 instead, with a warning
     pooled_dtype: Literal["auto", "float32", "float16"] = "auto"
     # Ray actors that run the teacher pass (kdray.search.teacher_pass): N, or "auto" (one per GPU of the
     # cluster, else 1); 1 runs it in this process, as without Ray

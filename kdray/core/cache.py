@@ -8,8 +8,10 @@ poolings, probe settings and the storage dtype, so any change makes a new entry.
 
 On disk (``<cache>/teacher_outputs/<key>/``, where ``<cache>`` may be a storage URI: see
 :func:`kdray.paths.cache_location`): one Parquet file per split (fixed-size-list columns, float32
-or float16) and ``manifest.json`` with the shapes, the probes' accuracies, the size per example and a
-SHA-256 per file. A file whose checksum does not match is reported and the entry rebuilt, never used; a
+or float16) and ``manifest.json`` with the shapes, the probes' accuracies, the size per example, the dtype of
+each pooled column (``pooled_dtypes``) and a SHA-256 per file. Pooled states are never stored as inf: a float16
+column that would overflow (a hidden value above 65504) is float32 in the whole entry (:func:`storable`,
+:func:`widen_overflowing`; Parquet has no bfloat16). A file whose checksum does not match is reported and the entry rebuilt, never used; a
 manifest that is not JSON or not of the shape written here is reported and its entry skipped (``kdray cache rm``
 still removes it). An entry is built in a temporary folder renamed into place: a failed or interrupted build
 removes it, and the folders of killed builds are swept whenever the cache is opened.
@@ -237,9 +239,37 @@ def teacher_outputs(model: nn.Module, x: torch.Tensor, request: CacheRequest, ba
             for p, how in request.pooled:
                 col = _pooled_column(p, how)
                 pooled = pool(hooks.outputs[p], how, hooks.masks.get(p))
-                cols[col].append(pooled.float().cpu().numpy().astype(dtypes[col], copy=False))
+                cols[col].append(storable(pooled.float().cpu().numpy(), dtypes[col]))
     where = np.argsort(np.concatenate(order)) if order else np.zeros((0,), np.int64)
     return {k: np.concatenate(parts)[where] if parts else np.zeros((0,), dtypes[k]) for k, parts in cols.items()}
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: a larger value becomes inf in float16
+
+
+def storable(a: np.ndarray, dtype: str) -> np.ndarray:
+    """``a`` in ``dtype``, unless that is float16 and ``a`` holds a value beyond float16's range (language models
+    have such "massive activations"; it would become inf): then float32, Parquet having no bfloat16."""
+    if np.dtype(dtype) == np.float16 and a.size and float(np.abs(a).max()) > FLOAT16_MAX:
+        return a.astype(np.float32, copy=False)
+    return a.astype(dtype, copy=False)
+
+
+def widen_overflowing(arrays: dict, request: CacheRequest) -> dict[str, str]:
+    """Pooled columns one batch stored in float32 (:func:`storable`) are float32 in every split of the entry; the
+    dtype of every pooled column (what the manifest records), with one warning naming those widened."""
+    dtypes = {}
+    for p, how in request.pooled:
+        col = _pooled_column(p, how)
+        dtypes[col] = np.result_type(*(arrays[s][col].dtype for s in SPLITS)).name
+        for s in SPLITS:
+            arrays[s][col] = arrays[s][col].astype(dtypes[col], copy=False)
+    wide = [c for c, d in dtypes.items() if d != np.dtype(request.pooled_dtype).name]
+    if wide:
+        peak = max(float(np.abs(arrays[s][c]).max()) for c in wide for s in SPLITS if arrays[s][c].size)
+        log.warning("teacher cache: pooled states of %s reach %.4g, beyond float16's range (%g): stored in float32 "
+                    "(Parquet has no bfloat16), never as inf", ", ".join(wide), peak, FLOAT16_MAX)
+    return dtypes
 
 
 # who runs the teacher over one split: (teacher, x, request, batch_size, device) -> columns, as teacher_outputs
@@ -300,6 +330,7 @@ def _fill_entry(folder: Path, key: str, teacher: nn.Module, bundle: DataBundle, 
     """Run the teacher over every split, fit the probes, write the files and the manifest into ``folder``."""
     t0 = time.perf_counter()
     arrays = _compute_arrays(teacher, bundle, request, batch_size, device, outputs_fn)
+    pooled_dtypes = widen_overflowing(arrays, request)
     probes = _add_probe_predictions(arrays, request, bundle.num_classes)
     probes = in_module_order(probes, teacher)
     answer_acc = teacher_accuracy(arrays, bundle.num_classes)
@@ -309,6 +340,7 @@ def _fill_entry(folder: Path, key: str, teacher: nn.Module, bundle: DataBundle, 
     manifest = {"format": FORMAT, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "teacher": info.get("teacher", {}), "data": info.get("data", {}), "num_classes": bundle.num_classes,
                 "request": request.describe(), "shapes": shapes, "files": files, "probes": probes,
+                "pooled_dtypes": pooled_dtypes,
                 "teacher_accuracy": answer_acc,
                 "examples": n, "bytes": total, "bytes_per_example": round(total / max(n, 1), 1),
                 "build_seconds": round(time.perf_counter() - t0, 2), "notes": info.get("notes", [])}

@@ -9,7 +9,8 @@
   :data:`ANSWER_CUE`; the answer token of letter ``L`` is the one token that follows the cue when ``" L"`` (or
   ``"L"``) is appended (:func:`answer_token_ids`).
 * :func:`length_batches` groups rows of similar length so a batch wastes little on padding.
-* :func:`load_tokenizer` is the one way data sets and models load a Hugging Face tokenizer.
+* :func:`load_tokenizer` is the one way data sets and models load a Hugging Face tokenizer (an empty one is
+  refused); :func:`tokenizer_difference` compares two by what they do, not by where they came from.
 """
 from __future__ import annotations
 
@@ -90,31 +91,46 @@ GIVE_TOKENIZER = ("give the tokenizer's folder or hub name (a model's kwargs.tok
                   "teacher_tokenizer / student_tokenizer)")
 
 
-def load_tokenizer(path: str, field: str, sample: str = PROBE_TEXT) -> Any:
+def load_tokenizer(path: str, field: str) -> Any:
     """``AutoTokenizer.from_pretrained(path)``; a missing or too old ``transformers``, a folder or hub name it cannot
-    load, or a tokenizer that reads ``sample`` (default :data:`PROBE_TEXT`; a data set passes its own texts, which a
-    tokenizer of its domain reads even when it knows no word of the probe) as nothing or only unknown tokens (a model
-    folder without tokenizer files loads as such an empty tokenizer in ``transformers`` 5) is a ConfigError on
-    ``field``."""
+    load, or an empty tokenizer (:func:`check_usable`: a model folder without tokenizer files loads as one in
+    ``transformers`` 5) is a ConfigError on ``field``."""
     transformers = import_transformers(field, path)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(field, path, f"a folder or hub name with usable tokenizer files: transformers cannot load a "
                                        f"tokenizer from {path} ({e}); {GIVE_TOKENIZER}") from None
-    check_usable(tokenizer, path, field, sample)
+    check_usable(tokenizer, path, field)
     return tokenizer
 
 
-def check_usable(tokenizer: Any, path: str, field: str, sample: str = PROBE_TEXT) -> None:
-    """``tokenizer`` reads ``sample`` as some token that is not its unknown token."""
-    ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+def check_usable(tokenizer: Any, path: str, field: str) -> None:
+    """``tokenizer`` is not empty: it reads :data:`PROBE_TEXT` as some tokens, and unless one of them is known, its
+    vocabulary holds more than its special tokens (a small domain vocabulary may know none of the probe's words)."""
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
     unknown = getattr(tokenizer, "unk_token_id", None)
-    if not any(t != unknown for t in ids):
-        reads = "no tokens" if not ids else f"{len(ids)} unknown tokens"
-        shown = sample if len(sample) <= 80 else sample[:77] + "..."
-        raise ConfigError(field, path, f"a folder or hub name with usable tokenizer files: {path} has none (its "
-                                       f"tokenizer reads {shown!r} as {reads}); {GIVE_TOKENIZER}")
+    if any(t != unknown for t in ids):
+        return
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    if ids and any(t not in special for t in tokenizer.get_vocab()):
+        return
+    reads = "no tokens" if not ids else f"unknown tokens only, its vocabulary being its {len(special)} special tokens"
+    raise ConfigError(field, path, f"a folder or hub name with usable tokenizer files: {path} has none (its "
+                                   f"tokenizer reads {PROBE_TEXT!r} as {reads}); {GIVE_TOKENIZER}")
+
+
+def tokenizer_difference(a: Any, b: Any) -> Optional[str]:
+    """How two tokenizers differ in what a model reads (their vocabularies, or the ids they give
+    :data:`PROBE_TEXT` with special tokens), or None when they read text alike, whatever folders they came from."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        return f"their vocabularies differ ({len(va)} and {len(vb)} tokens, {len(va.items() ^ vb.items())} entries " \
+               "not in both)"
+    ia, ib = a(PROBE_TEXT)["input_ids"], b(PROBE_TEXT)["input_ids"]
+    if ia != ib:
+        return f"they read {PROBE_TEXT!r} as different ids ({ia[:8]}... and {ib[:8]}...)"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

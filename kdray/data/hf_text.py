@@ -19,7 +19,7 @@ from pydantic import Field
 
 from kdray.config import DataConfig
 from kdray.core.hf_package import check_transformers
-from kdray.core.text import PROBE_TEXT, load_tokenizer, pad_rows
+from kdray.core.text import load_tokenizer, pad_rows
 from kdray.data.registry import Params, RawData, register_dataset
 from kdray.data.saved import Splits, load_saved, splits_of
 from kdray.errors import ConfigError
@@ -113,8 +113,7 @@ def hf_text(cfg: DataConfig, cache_dir: str | None = None) -> RawData:
         if col is not None and col not in splits.train.column_names:
             raise ConfigError(f"data.params.{key}", col, "one of the columns " + ", ".join(splits.train.column_names))
     y_tr, y_te, num_classes, classes = labels(splits.train.features.get(p.label_field), p, splits)
-    sample = " ".join(map(str, splits.train[:20][p.text_field]))  # the data's own words
-    tokenizer = load_tokenizer(p.tokenizer, "data.params.tokenizer", sample or PROBE_TEXT)
+    tokenizer = load_tokenizer(p.tokenizer, "data.params.tokenizer")
     x_tr, x_te = _tokenise(tokenizer, splits.train, p), _tokenise(tokenizer, splits.test, p)
     meta = {"source": p.hub_name or "disk", "layout": splits.layout, "tokenizer": p.tokenizer,
             "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer), "classes": classes,

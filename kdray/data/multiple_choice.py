@@ -6,10 +6,14 @@ The teacher reads a prompt built from ``params.template`` (the question, the cho
 instruct tokenizer's chat template, tokenised by ``teacher_tokenizer``. The student reads its own rendering
 (``student_template``, ``student_tokenizer``; default: the teacher's). When both renderings are the same token
 ids the bundle has one view; otherwise ``DataBundle.teacher_view`` holds the teacher's. Inputs are (N, T) long
-tensors padded on the right with kdray's -1 (:mod:`kdray.core.text`); prompts are cut on the left to
-``max_length`` tokens so the choices and the answer cue are kept. Labels are the index of the right choice, so
-the number of classes is ``num_choices``; examples with another number of choices are dropped and counted in the
-log and in the data's metadata (``dropped``).
+tensors padded on the right with kdray's -1 (:mod:`kdray.core.text`). A prompt longer than ``max_length``
+(``student_max_length``) tokens is cut on the left of its text, inside the chat template when there is one
+(:class:`View`): few-shot examples and the question's start go first, the end of the question, the choices, the
+cue and the template's own tokens are kept; cut prompts are counted per view and split in the log and in the
+data's metadata (``truncated``). With a chat template the prompt ends with the answer cue once
+(:func:`chat_prompt`: the template's own cue when its assistant turn ends with one). Labels are the index of the
+right choice, so the number of classes is ``num_choices``; examples with another number of choices are dropped
+and counted in the log and in the data's metadata (``dropped``).
 """
 from __future__ import annotations
 
@@ -46,8 +50,8 @@ class MultipleChoiceParams(Params):
     template: str = DEFAULT_TEMPLATE
     student_template: Optional[str] = None  # default: template
     few_shot: int = Field(0, ge=0)  # solved examples from the labelled training split before each teacher prompt
-    chat_template: bool = False  # wrap the teacher prompt in the teacher tokenizer's chat template
-    max_length: int = Field(1024, ge=8)  # teacher prompt tokens (cut on the left)
+    chat_template: bool = False  # wrap the teacher prompt in the teacher tokenizer's chat template (see chat_prompt)
+    max_length: int = Field(1024, ge=8)  # teacher prompt tokens (the text cut on the left, counted in meta.truncated)
     student_max_length: Optional[int] = Field(None, ge=8)  # default: max_length
     train_split: str = "train"
     test_split: str = "test"
@@ -85,28 +89,76 @@ def solved(q: Question, template: str) -> str:
 
 
 def chat_prompt(tokenizer: Any, text: str) -> str:
-    """The prompt as the user's turn of the tokenizer's chat template, the assistant's turn opened with the cue."""
+    """The prompt as the user's turn of the tokenizer's chat template, then the assistant's turn the template opens
+    (``add_generation_prompt``), ending with the answer cue exactly once. The user's turn is ``text`` without its
+    trailing :data:`ANSWER_CUE`. When the opened turn already ends with a cue of the template's own (its last
+    non-blank character is ``:``, e.g. ``Answer:`` or ``### Response:``), the prompt ends there, trailing blanks
+    dropped so the answer letter follows a ``:`` as it follows ``Answer:``; otherwise ``Answer:`` is appended."""
     user = text.removesuffix(ANSWER_CUE).rstrip()
-    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                         add_generation_prompt=True) + ANSWER_CUE
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    return rendered.rstrip() if has_own_cue(rendered) else rendered + ANSWER_CUE
+
+
+def has_own_cue(rendered: str) -> bool:
+    """A chat prompt whose opened assistant turn ends with a cue of its own: its last non-blank character is ``:``."""
+    return rendered.rstrip().endswith(":")
 
 
 class View:
-    """One rendering of the questions: template, shots, chat template, tokenizer and length."""
+    """One rendering of the questions: template, shots, chat template, tokenizer and length. A prompt longer than
+    ``max_length`` tokens is cut on the left of its text (the few-shot examples, then the question's start), so the
+    end of the question, the choices and the cue are kept, and a chat template's own tokens (system prompt, turn
+    markers) too: the text is cut inside the template, not the rendered tokens. :attr:`truncated` counts them."""
 
     def __init__(self, tokenizer: Any, template: str, max_length: int, shots: Sequence[Question] = (),
                  chat: bool = False):
         self.tokenizer, self.template, self.max_length, self.chat = tokenizer, template, max_length, chat
         self.prefix = "".join(solved(s, template) + "\n\n" for s in shots)
+        self.truncated: dict[str, int] = {}
 
     def text(self, q: Question) -> str:
-        text = self.prefix + render(q, self.template)
-        return chat_prompt(self.tokenizer, text) if self.chat else text
+        return self.prefix + render(q, self.template)
 
-    def ids(self, questions: Sequence[Question]) -> torch.Tensor:
-        enc = self.tokenizer([self.text(q) for q in questions], add_special_tokens=not self.chat, truncation=True,
-                             max_length=self.max_length)
-        return pad_rows(enc["input_ids"])
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """The tokens of each prompt text, inside the chat template when the view has one, uncut."""
+        if self.chat:
+            prompts = [chat_prompt(self.tokenizer, t) for t in texts]
+            return self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(texts)["input_ids"]
+
+    def ids(self, questions: Sequence[Question], split: str) -> torch.Tensor:
+        rows = self.encode([self.text(q) for q in questions])
+        long = [i for i, r in enumerate(rows) if len(r) > self.max_length]
+        for i in long:
+            rows[i] = self.cut(self.text(questions[i]))
+        self.truncated[split] = len(long)
+        return pad_rows(rows)
+
+    def cut(self, text: str) -> list[int]:
+        """The tokens of ``text`` cut on its left to fit ``max_length``: by the tokenizer (which keeps its special
+        tokens) without a chat template; inside the template with one (a few re-renderings at most)."""
+        if not self.chat:
+            return self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
+        ids = self.encode([text])[0]
+        for _ in range(8):
+            if len(ids) <= self.max_length or not text:
+                break
+            text = drop_tokens(self.tokenizer, text, len(ids) - self.max_length)
+            ids = self.encode([text])[0]
+        return ids[-self.max_length:]  # the template and the cue alone are longer than max_length: cut them too
+
+
+def drop_tokens(tokenizer: Any, text: str, n: int) -> str:
+    """``text`` without its first ``n`` tokens (at least one character less)."""
+    try:
+        spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError):  # a slow tokenizer has no offsets: decode the rest
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer.decode(ids[n:]) if n < len(ids) else ""
+    if n >= len(spans):
+        return ""
+    return text[max(spans[n][0], 1):]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,6 +201,16 @@ def _views(p: MultipleChoiceParams, train: list[Question], shot_ids: Sequence[in
     return teacher, student
 
 
+def log_truncated(truncated: dict, fields: dict, limits: dict, sizes: dict) -> None:
+    """One warning per view and split whose prompts were cut to their length limit."""
+    for view, counts in truncated.items():
+        for split, n in counts.items():
+            if n:
+                log.warning("multiple_choice: %d of %d %s prompts of the %s view are longer than %s=%d tokens: cut on "
+                            "the left (few-shot examples and the question's start go first; the choices and the "
+                            "answer cue are kept)", n, sizes[split], split, view, fields[view], limits[view])
+
+
 def choose_shots(labelled: Sequence[int], k: int, seed: int) -> list[int]:
     """``k`` of the labelled training examples (raw indices), drawn with ``seed``."""
     return sorted(random.Random(seed).sample(list(labelled), min(k, len(labelled))))
@@ -157,8 +219,12 @@ def choose_shots(labelled: Sequence[int], k: int, seed: int) -> list[int]:
 def build_raw(root: Path, p: MultipleChoiceParams, train: list[Question], test: list[Question], dropped: dict,
               shot_ids: Sequence[int], layout: str = "files") -> RawData:
     teacher, student = _views(p, train, shot_ids)
-    x_tr, x_te = student.ids(train), student.ids(test)
-    t_tr, t_te = teacher.ids(train), teacher.ids(test)
+    x_tr, x_te = student.ids(train, "train"), student.ids(test, "test")
+    t_tr, t_te = teacher.ids(train, "train"), teacher.ids(test, "test")
+    truncated = {"teacher": teacher.truncated, "student": student.truncated}
+    log_truncated(truncated, {"teacher": "max_length", "student": "student_max_length" if p.student_max_length
+                              else "max_length"}, {"teacher": teacher.max_length, "student": student.max_length},
+                  {"train": len(train), "test": len(test)})
     same = t_tr.shape == x_tr.shape and t_te.shape == x_te.shape and torch.equal(t_tr, x_tr) and torch.equal(t_te, x_te)
     y_tr = torch.tensor([q.answer for q in train], dtype=torch.long)
     y_te = torch.tensor([q.answer for q in test], dtype=torch.long)
@@ -166,7 +232,8 @@ def build_raw(root: Path, p: MultipleChoiceParams, train: list[Question], test: 
             "n_train": len(train), "n_test": len(test), "teacher_tokenizer": p.teacher_tokenizer,
             "student_tokenizer": p.student_tokenizer or p.teacher_tokenizer, "two_views": not same,
             "few_shot": list(shot_ids), "teacher_tokens": int(t_tr.shape[1]), "student_tokens": int(x_tr.shape[1]),
-            "vocab_size": len(student.tokenizer), "classes": list(CHOICE_LETTERS[:p.num_choices])}
+            "vocab_size": len(student.tokenizer), "classes": list(CHOICE_LETTERS[:p.num_choices]),
+            "truncated": truncated}
     return RawData(x_tr, y_tr, x_te, y_te, p.num_choices, None, meta,
                    teacher_x_train=None if same else t_tr, teacher_x_test=None if same else t_te)
 

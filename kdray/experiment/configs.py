@@ -56,8 +56,10 @@ def absolute_paths(raw: Any, at: tuple[str, ...] = ()) -> Any:
 def default_tokenizer(cfg: ExperimentConfig) -> None:
     """A multiple-choice data set and its language models agree on their tokenizers: the teacher's prompts are
     tokenised by the teacher's own tokenizer unless the config names one (``data.params.teacher_tokenizer``), and
-    an ``hf_causal_lm`` reads its answer tokens from the tokenizer of the view it reads (the teacher's, or the
-    student's ``student_tokenizer``), unless its ``kwargs.tokenizer`` says otherwise."""
+    the main teacher and the student, as ``hf_causal_lm``, read their answer tokens from the tokenizer of the view
+    they read (the teacher's, or the student's ``student_tokenizer``), unless their ``kwargs.tokenizer`` says
+    otherwise. An extra teacher keeps its own tokenizer; preflight refuses it unless it is the teacher view's
+    (:func:`kdray.experiment.preflight.check_teacher_tokenizers`)."""
     if cfg.data.name != "multiple_choice":
         return
     params = cfg.data.params
@@ -65,7 +67,7 @@ def default_tokenizer(cfg: ExperimentConfig) -> None:
         kwargs = cfg.teacher.model.kwargs
         if kwargs.get("tokenizer") or kwargs.get("path"):
             params = cfg.data.params = {**params, "teacher_tokenizer": kwargs.get("tokenizer") or kwargs["path"]}
-    views = [(t.model, params.get("teacher_tokenizer")) for t in [cfg.teacher, *cfg.extra_teachers] if t is not None]
+    views = [(cfg.teacher.model, params.get("teacher_tokenizer"))] if cfg.teacher is not None else []
     views.append((cfg.student, params.get("student_tokenizer") or params.get("teacher_tokenizer")))
     for spec, tokenizer in views:
         if spec.name == "hf_causal_lm" and tokenizer and not spec.kwargs.get("tokenizer") \

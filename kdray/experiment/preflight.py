@@ -18,6 +18,7 @@ from kdray.core.hooks import check_paths, inputs_for, output_shapes
 from kdray.core.methods import LOGITS, METHODS
 from kdray.core.signals import probe_specs
 from kdray.core.step import check_compile, check_precision
+from kdray.core.text import load_tokenizer, tokenizer_difference
 from kdray.core.train import Distiller, resolve_device
 from kdray.data import make_bundle
 from kdray.errors import ConfigError, first_line
@@ -138,13 +139,42 @@ def check_views(cfg: ExperimentConfig, two_views: bool, data_name: str) -> None:
 
 
 def check_teacher_sources(cfg: ExperimentConfig) -> None:
-    """A teacher with neither ``checkpoint`` nor ``recipe`` must be a model that loads trained weights of its own."""
+    """A teacher with neither ``checkpoint`` nor ``recipe`` must be a model that loads trained weights of its own;
+    the teachers of an ensemble share one tokenizer (:func:`check_teacher_tokenizers`)."""
     for where, t in teacher_sections(cfg):
         if t.checkpoint is None and t.recipe is None and not loads_weights(t.model):
             raise ConfigError(f"{where}.checkpoint", None,
                               f"a checkpoint file, or a {where}.recipe to train it: model {t.model.name!r} has no "
                               "trained weights of its own (hf_causal_lm and a fine-tuned hf_sequence_classifier "
                               "folder do)")
+    check_teacher_tokenizers(cfg)
+
+
+TOKEN_TEACHERS = ("hf_causal_lm", "hf_sequence_classifier")  # models that read a tokenizer's ids
+
+
+def check_teacher_tokenizers(cfg: ExperimentConfig) -> None:
+    """Every extra Hugging Face teacher (``hf_causal_lm``, ``hf_sequence_classifier``) has the tokenizer the data set renders the teacher view
+    with: the data holds one teacher view, so each teacher of an ensemble is given the same token ids. Tokenizers
+    are compared by vocabulary and behaviour (:func:`~kdray.core.text.tokenizer_difference`), not by folder."""
+    view = cfg.data.params.get("teacher_tokenizer") or cfg.data.params.get("tokenizer")
+    lms = [(i, t.model.kwargs) for i, t in enumerate(cfg.extra_teachers) if t.model.name in TOKEN_TEACHERS]
+    if not view or not lms:
+        return
+    view_field = f"data.params.{'teacher_tokenizer' if cfg.data.params.get('teacher_tokenizer') else 'tokenizer'}"
+    shared = None
+    for i, kwargs in lms:
+        key = "tokenizer" if kwargs.get("tokenizer") else "path"
+        own, field = kwargs.get(key), f"extra_teachers[{i}].model.kwargs.{key}"
+        if not own or own == view:
+            continue
+        shared = shared or load_tokenizer(view, view_field)
+        why = tokenizer_difference(shared, load_tokenizer(own, field))
+        if why:
+            raise ConfigError(field, own, f"a teacher with the tokenizer of the data's teacher view ({view_field}="
+                                          f"{view}): all teachers of an ensemble must share the tokenizer the data "
+                                          f"set renders the teacher view with (each is given the same token ids); "
+                                          f"this one differs: {why}")
 
 
 def _not_logit_methods() -> str:

@@ -128,7 +128,9 @@ def cache_request(cfgs: list[ExperimentConfig], prep: Prepared, example: torch.T
 
 def pooled_dtype(cfg: ExperimentConfig, teacher: Optional[nn.Module]) -> str:
     """``teacher_cache.pooled_dtype``; ``auto``: what the teacher asks for (``cache_pooled_dtype``: float16 for a
-    language model's hidden states), else float32."""
+    language model's hidden states), else float32. Asked or forced, a float16 column that would overflow is stored
+    in float32 with a warning (:func:`kdray.core.cache.storable`): the overflow shows only once the teacher has run,
+    too late to refuse the config before any work, and float32 holds the same states exactly."""
     if cfg.teacher_cache.pooled_dtype != "auto":
         return cfg.teacher_cache.pooled_dtype
     members = list(teacher.children()) if isinstance(teacher, TeacherEnsemble) else [teacher]

@@ -129,3 +129,22 @@ def save_bert(folder: Path, num_labels: int = 4, hidden: int = 32) -> Path:
     tf.BertForSequenceClassification(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+SYSTEM = "You are a careful assistant who answers multiple-choice questions."
+CHAT_TEMPLATES = {  # the opened assistant turn: plain (kdray appends "Answer:"), with a cue of its own, Alpaca-style
+    "plain": "<|im_start|>system\n" + SYSTEM + "<|im_end|>\n{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+             "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "own_cue": "{% for m in messages %}<|user|>\n{{ m['content'] }}\n{% endfor %}"
+               "{% if add_generation_prompt %}<|assistant|>\nAnswer:{% endif %}",
+    "response": "### Instruction:\n{% for m in messages %}{{ m['content'] }}\n\n{% endfor %}"
+                "{% if add_generation_prompt %}### Response:\n{% endif %}",
+}
+
+
+def save_chat_tokenizer(folder: Path, kind: str) -> Path:
+    """The BPE tokenizer with one of :data:`CHAT_TEMPLATES` (an instruct model's tokenizer folder)."""
+    tok = bpe_tokenizer()
+    tok.chat_template = CHAT_TEMPLATES[kind]
+    tok.save_pretrained(folder)
+    return folder

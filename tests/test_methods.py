@@ -99,7 +99,7 @@ def test_probe_kd_uses_probe_logits():
     expected = np.mean([np_kl(np_softmax(p[i].numpy() / T), np_softmax(s[i].numpy() / T)) * T * T
                         for i in range(3)])
     assert m(sig).item() == pytest.approx(expected, rel=1e-9)
-    assert m.opts.pooling == "auto" and m.opts.l2 == 1e-3 and m.opts.max_iter == 100
+    assert m.opts.pooling == "auto" and m.opts.l2 == "auto" and m.opts.max_iter == 100
 
 
 def np_dkd(s, t, target, T, alpha, beta):

@@ -47,7 +47,8 @@ from kdray.core.cache_store import (FORMAT, SPLITS, CorruptEntry, entry_folder_n
                                     load_entry, publish, read_manifest, remove_entry, sweep_stale_tmp, tmp_folder,
                                     write_splits)
 from kdray.core.hooks import FeatureHooks, module_order, split_layer
-from kdray.core.probes import Probe, ProbeReport, ProbeSpec, fit_probe, pool
+from kdray.core.probe_cv import choose_l2
+from kdray.core.probes import AUTO, Probe, ProbeReport, ProbeSpec, fit_probe, log_probe, pool
 from kdray.core.text import length_batches
 from kdray.paths import cache_location
 
@@ -176,8 +177,15 @@ def spec_of(p: dict) -> ProbeSpec:
     return ProbeSpec(p["layer"], p["pooling"], p["l2"], p["max_iter"])
 
 
+def probe_l2(p: dict) -> Optional[float]:
+    """The strength a manifest's probe record was fitted with: ``l2_chosen`` (absent in entries written before
+    ``l2: auto``), else its fixed ``l2``; None when unknown."""
+    fixed = p.get("l2")
+    return p.get("l2_chosen", None if isinstance(fixed, str) else fixed)
+
+
 def _report(p: dict) -> ProbeReport:
-    return ProbeReport(p["layer"], p["pooling"], p["dim"], p["train_acc"], p["val_acc"])
+    return ProbeReport(p["layer"], p["pooling"], p["dim"], p["train_acc"], p["val_acc"], probe_l2(p))
 
 
 def probe_reports(manifest: dict) -> list[ProbeReport]:
@@ -197,19 +205,40 @@ def _pooled_column(layer: str, pooling: str) -> str:
     return f"pool/{layer}/{pooling}"
 
 
-def fit_cached_probe(arrays: dict, spec: ProbeSpec, num_classes: int) -> tuple[Probe, ProbeReport]:
-    """Fit ``spec`` on the cached pooled outputs of the labelled training examples."""
-    col = _pooled_column(spec.layer, spec.pooling)
+def _labelled_pooled(arrays: dict, spec: ProbeSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached pooled outputs of the spec's layer on the labelled training examples, and their labels."""
     y = torch.from_numpy(np.asarray(arrays["train"]["label"]))
     lab = y >= 0
-    z = torch.from_numpy(np.array(arrays["train"][col], dtype=np.float32))
-    probe = fit_probe(z[lab], y[lab], num_classes, spec.pooling, spec.l2, spec.max_iter)
+    z = torch.from_numpy(np.array(arrays["train"][_pooled_column(spec.layer, spec.pooling)], dtype=np.float32))
+    return z[lab], y[lab]
+
+
+def fit_cached_probe(arrays: dict, spec: ProbeSpec, num_classes: int, l2: Optional[float] = None
+                     ) -> tuple[Probe, ProbeReport]:
+    """Fit ``spec`` on the cached pooled outputs of the labelled training examples, with strength ``l2`` when given
+    (chosen beforehand for ``l2: auto``), else the spec's own."""
+    z, y = _labelled_pooled(arrays, spec)
+    probe = fit_probe(z, y, num_classes, spec.pooling, spec.l2 if l2 is None else l2, spec.max_iter)
+    col = _pooled_column(spec.layer, spec.pooling)
     zv = torch.from_numpy(np.array(arrays["val"][col], dtype=np.float32))
     yv = torch.from_numpy(np.asarray(arrays["val"]["label"]))
     with torch.no_grad():
-        train_acc = (probe(z[lab]).argmax(1) == y[lab]).float().mean().item()
+        train_acc = (probe(z).argmax(1) == y).float().mean().item()
         val_acc = (probe(zv).argmax(1) == yv).float().mean().item() if len(yv) else float("nan")
-    return probe, ProbeReport(spec.layer, spec.pooling, z.shape[1], train_acc, val_acc)
+    return probe, ProbeReport(spec.layer, spec.pooling, z.shape[1], train_acc, val_acc, probe.l2)
+
+
+def chosen_l2(arrays: dict, specs: Iterable[ProbeSpec], num_classes: int) -> dict[ProbeSpec, float]:
+    """The strengths of the ``l2: auto`` specs, cross-validated together (one batch per iteration budget)."""
+    auto = [s for s in specs if s.l2 == AUTO]
+    out: dict[ProbeSpec, float] = {}
+    for max_iter in sorted({s.max_iter for s in auto}):
+        same = [s for s in auto if s.max_iter == max_iter]
+        data = [_labelled_pooled(arrays, s) for s in same]
+        choices = choose_l2([z for z, _ in data], data[0][1], num_classes, max_iter,
+                            names=[f"{s.layer} ({s.pooling})" for s in same])
+        out.update({s: c.l2 for s, c in zip(same, choices)})
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,15 +321,16 @@ def _compute_arrays(teacher: nn.Module, bundle: DataBundle, request: CacheReques
 def _add_probe_predictions(arrays: dict, request: CacheRequest, num_classes: int) -> list[dict]:
     """Fit the requested probes, add their predictions to ``arrays``; their manifest records."""
     probes = []
+    chosen = chosen_l2(arrays, request.probes, num_classes)
     for spec in request.probes:
-        probe, report = fit_cached_probe(arrays, spec, num_classes)
+        probe, report = fit_cached_probe(arrays, spec, num_classes, chosen.get(spec))
         with torch.no_grad():
             for split in SPLITS:
                 z = torch.from_numpy(arrays[split][_pooled_column(spec.layer, spec.pooling)])
                 arrays[split][spec.column] = probe(z.float()).numpy()
-        probes.append({**asdict(spec), "dim": report.dim, "train_acc": report.train_acc, "val_acc": report.val_acc})
-        log.info("probe on %s (%s pooling): train acc %.3f, val acc %.3f", spec.layer, spec.pooling,
-                 report.train_acc, report.val_acc)
+        probes.append({**asdict(spec), "dim": report.dim, "train_acc": report.train_acc, "val_acc": report.val_acc,
+                       "l2_chosen": report.l2})
+        log_probe(report, spec.l2)
     return probes
 
 

@@ -17,6 +17,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -140,8 +141,9 @@ _MANIFEST = {"format": str, "key": str, "created": str, "teacher": dict, "data":
              "request": dict, "shapes": dict, "files": dict, "probes": list, "examples": int, "bytes": _NUMBER,
              "bytes_per_example": _NUMBER}
 _REQUEST = {"feature_layers": list, "probes": list, "dtype": str}
-_PROBE_SPEC = {"layer": str, "pooling": str, "l2": _NUMBER, "max_iter": int}
+_PROBE_SPEC = {"layer": str, "pooling": str, "l2": (int, float, str), "max_iter": int}  # l2: a number or "auto"
 _PROBE_RECORD = {**_PROBE_SPEC, "dim": int, "train_acc": _NUMBER, "val_acc": _NUMBER}
+_PROBE_RECORD_LATER = {"l2_chosen": _NUMBER}  # fields an older entry may lack
 _FILE = {"sha256": str, "bytes": int, "rows": int}
 _FILES = {f"{s}.parquet" for s in SPLITS}
 
@@ -151,20 +153,23 @@ def _type_name(t) -> str:
     return " or ".join(names.get(x, x.__name__) for x in (t if isinstance(t, tuple) else (t,)))
 
 
-def _check_fields(obj, fields: dict, where: str) -> None:
-    """``obj`` is a dict with every field of ``fields`` of its type (booleans are not numbers)."""
+def _check_fields(obj, fields: dict, where: str, optional: Optional[dict] = None) -> None:
+    """``obj`` is a dict with every field of ``fields`` of its type (booleans are not numbers), and the fields of
+    ``optional`` it has of theirs."""
     if not isinstance(obj, dict):
         raise CorruptEntry(f"{where} is {_type_name(type(obj))}, expected {_type_name(dict)}")
-    for name, t in fields.items():
+    for name, t in {**fields, **(optional or {})}.items():
         if name not in obj:
-            raise CorruptEntry(f"{where} has no {name!r}")
+            if name in fields:
+                raise CorruptEntry(f"{where} has no {name!r}")
+            continue
         if not isinstance(obj[name], t) or isinstance(obj[name], bool):
             raise CorruptEntry(f"{where}: {name!r} is {obj[name]!r}, expected {_type_name(t)}")
 
 
-def _check_items(items: list, fields: dict, where: str) -> None:
+def _check_items(items: list, fields: dict, where: str, optional: Optional[dict] = None) -> None:
     for i, item in enumerate(items):
-        _check_fields(item, fields, f"{where}[{i}]")
+        _check_fields(item, fields, f"{where}[{i}]", optional)
 
 
 def check_manifest(m, folder: str) -> dict:
@@ -177,7 +182,7 @@ def check_manifest(m, folder: str) -> dict:
     if not all(isinstance(x, str) for x in m["request"]["feature_layers"]):
         raise CorruptEntry("manifest 'request': 'feature_layers' is not a list of strings")
     _check_items(m["request"]["probes"], _PROBE_SPEC, "manifest 'request' probe")
-    _check_items(m["probes"], _PROBE_RECORD, "manifest probe")
+    _check_items(m["probes"], _PROBE_RECORD, "manifest probe", _PROBE_RECORD_LATER)
     if set(m["files"]) != _FILES:
         raise CorruptEntry(f"manifest 'files' lists {sorted(m['files'])}, expected {sorted(_FILES)}")
     _check_items(list(m["files"].values()), _FILE, "manifest file")

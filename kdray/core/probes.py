@@ -2,20 +2,28 @@
 
 A probe pools a layer's output to one vector per example (:func:`pool`, over the real tokens of a token
 sequence), standardises it, and applies a multinomial logistic regression with an L2 penalty fitted by full-batch
-L-BFGS on the labelled training examples. Its temperature-softened predictions then supervise the student (the
-``probe_kd`` method), in place of or beside the teacher's own logits.
+L-BFGS on the labelled training examples; the penalty is a number or ``"auto"``, chosen per layer by
+cross-validation on those examples (:mod:`kdray.core.probe_cv`). Its temperature-softened predictions then
+supervise the student (the ``probe_kd`` method), in place of or beside the teacher's own logits.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Optional
+from functools import total_ordering
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdray.core.probe_cv import choose_l2, standardisation
+
+log = logging.getLogger("kdray")
+
 POOLINGS = ("auto", "mean", "max", "flatten", "first", "seq_mean", "last")
 TOKEN_POOLINGS = ("seq_mean", "mean", "max", "first", "last")  # what each does to a token sequence: see pool_tokens
+AUTO = "auto"  # the L2 strength chosen on data (and the pooling that follows the output)
 
 
 def is_token_output(x: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
@@ -77,6 +85,8 @@ def pool_tokens(x: torch.Tensor, how: str, mask: torch.Tensor) -> torch.Tensor:
 class Probe(nn.Module):
     """Standardise, then a linear layer; fitted by :func:`fit_probe`."""
 
+    l2: Optional[float] = None  # the L2 strength it was fitted with (set by fit_probe)
+
     def __init__(self, dim: int, num_classes: int, pooling: str):
         super().__init__()
         self.pooling = pooling
@@ -89,18 +99,31 @@ class Probe(nn.Module):
         return self.linear((z - self.mean) / self.std)
 
 
-@dataclass(frozen=True, order=True)
+def l2_text(l2: Union[float, str]) -> str:
+    return l2 if isinstance(l2, str) else f"{l2:g}"
+
+
+@total_ordering
+@dataclass(frozen=True)
 class ProbeSpec:
-    """One probe: the teacher layer, how its output is pooled, and the fit's settings."""
+    """One probe: the teacher layer, how its output is pooled, and the fit's settings (``l2``: a number, or
+    ``"auto"``: chosen on the labelled training examples)."""
 
     layer: str
     pooling: str
-    l2: float
+    l2: Union[float, str]
     max_iter: int
 
     @property
     def column(self) -> str:  # its name in the teacher cache
-        return f"probe/{self.layer}/{self.pooling}/{self.l2:g}/{self.max_iter}"
+        return f"probe/{self.layer}/{self.pooling}/{l2_text(self.l2)}/{self.max_iter}"
+
+    def _key(self) -> tuple:  # "auto" sorts before the numbers
+        auto = isinstance(self.l2, str)
+        return self.layer, self.pooling, not auto, 0.0 if auto else float(self.l2), self.max_iter
+
+    def __lt__(self, other: "ProbeSpec") -> bool:
+        return self._key() < other._key()
 
 
 @dataclass
@@ -110,15 +133,33 @@ class ProbeReport:
     dim: int
     train_acc: float
     val_acc: float
+    l2: Optional[float] = None  # the strength fitted (``l2: auto``: the one chosen); None when not recorded
+
+
+def describe_l2(fitted: Optional[float], asked: Union[float, str, None] = None) -> str:
+    """A probe's strength for people: ``0.0316 (auto)`` when chosen on data, ``0.001`` when fixed, ``-`` unknown."""
+    return ("-" if fitted is None else f"{fitted:.3g}") + (" (auto)" if asked == AUTO else "")
+
+
+def log_probe(report: ProbeReport, asked: Union[float, str]) -> None:
+    """One line per fitted probe: its accuracies and its strength."""
+    log.info("probe on %s (%s pooling): train acc %.3f, val acc %.3f, l2 %s", report.layer, report.pooling,
+             report.train_acc, report.val_acc, describe_l2(report.l2, asked))
 
 
 def fit_probe(train_feats: torch.Tensor, train_y: torch.Tensor, num_classes: int, pooling: str = "mean",
-              l2: float = 1e-3, max_iter: int = 100) -> Probe:
-    """Fit a multinomial logistic regression (mean cross-entropy + l2/2 * ||W||^2) with L-BFGS."""
+              l2: Union[float, str] = 1e-3, max_iter: int = 100) -> Probe:
+    """Fit a multinomial logistic regression (mean cross-entropy + l2/2 * ||W||^2, the intercept not penalised) on
+    the pooled features standardised by their mean and standard deviation, with L-BFGS. ``l2="auto"``: the
+    strength :func:`~kdray.core.probe_cv.choose_l2` picks on these examples; ``probe.l2`` says which."""
     z = pool(train_feats, pooling).float()
+    if l2 == AUTO:
+        l2 = choose_l2([z], train_y, num_classes, max_iter)[0].l2
     probe = Probe(z.shape[1], num_classes, pooling).to(z.device)
-    probe.mean.copy_(z.mean(0))
-    probe.std.copy_(z.std(0).clamp_min(1e-6) if len(z) > 1 else torch.ones_like(z[0]))
+    probe.l2 = float(l2)
+    mean, std = standardisation(z)
+    probe.mean.copy_(mean)
+    probe.std.copy_(std)
     zs = (z - probe.mean) / probe.std
     nn.init.zeros_(probe.linear.weight)
     nn.init.zeros_(probe.linear.bias)

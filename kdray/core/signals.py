@@ -14,7 +14,7 @@ from kdray.core.blocks import resolve_pooling
 from kdray.core.hooks import FeatureHooks
 from kdray.core.probes import Probe, ProbeReport, ProbeSpec
 from kdray.core.probes import accuracy as probe_accuracy
-from kdray.core.probes import fit_probe, pool
+from kdray.core.probes import fit_probe, log_probe, pool
 from kdray.core.train import TeacherOutputs, in_model_dtype
 from kdray.errors import ConfigError
 
@@ -146,8 +146,8 @@ def probe_specs(terms: Iterable[Any], teacher: nn.Module) -> list[ProbeSpec]:
 
 def fit_probes(specs: list[ProbeSpec], train: TeacherPass, y_train: torch.Tensor, val: TeacherPass,
                y_val: torch.Tensor, num_classes: int) -> tuple[dict[str, Probe], list[ProbeReport]]:
-    """Fit one probe per spec on the labelled training examples (``y_train >= 0``), on the pooled outputs (token
-    sequences pooled over their real tokens)."""
+    """Fit one probe per spec on the labelled training examples (``y_train >= 0``; ``l2: auto``: its strength
+    cross-validated on them), on the pooled outputs (token sequences pooled over their real tokens)."""
     probes, reports = {}, []
     lab = y_train >= 0
     for s in specs:
@@ -155,7 +155,7 @@ def fit_probes(specs: list[ProbeSpec], train: TeacherPass, y_train: torch.Tensor
         probe = fit_probe(z[lab], y_train[lab], num_classes, s.pooling, s.l2, s.max_iter)
         probes[s.layer] = probe
         reports.append(ProbeReport(s.layer, s.pooling, probe.linear.in_features,
-                                   probe_accuracy(probe, z[lab], y_train[lab]), probe_accuracy(probe, zv, y_val)))
-        log.info("probe on %s (%s pooling): train acc %.3f, val acc %.3f", s.layer, s.pooling,
-                 reports[-1].train_acc, reports[-1].val_acc)
+                                   probe_accuracy(probe, z[lab], y_train[lab]), probe_accuracy(probe, zv, y_val),
+                                   probe.l2))
+        log_probe(reports[-1], s.l2)
     return probes, reports

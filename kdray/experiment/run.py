@@ -319,7 +319,7 @@ class ProbeLayers:
     teacher's own accuracy (its answer tokens' for a language model) on the same validation examples."""
 
     pooling: str
-    probes: list[dict]  # {layer, pooling, dim, train_acc, val_acc, ...} per layer, in depth order
+    probes: list[dict]  # {layer, pooling, l2, dim, train_acc, val_acc, l2_chosen, ...} per layer, in depth order
     teacher_val_acc: Optional[float]
     teacher_test_acc: Optional[float]
 
@@ -350,7 +350,8 @@ def probe_candidates(teacher: nn.Module, example: torch.Tensor, globs: Sequence[
 
 
 def probe_layer_accuracies(cfg: ExperimentConfig, pooling: str = "auto", globs: Sequence[str] = ()) -> ProbeLayers:
-    """Validation accuracy of a Probe-KD probe (``pooling``, default l2 and iterations) on every candidate teacher
+    """Validation accuracy of a Probe-KD probe (``pooling``, the default ``l2: auto`` and iterations: the strength
+    cross-validated per layer on the labelled training examples, all layers at once) on every candidate teacher
     layer (:func:`probe_candidates`), from one teacher pass through the teacher cache (the teacher is trained if
     need be), and the teacher's own accuracy beside them."""
 

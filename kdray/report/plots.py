@@ -16,6 +16,8 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from kdray.core.cache import probe_l2
+
 STATUS_COLORS = {"finished": "tab:blue", "pruned": "tab:orange", "failed": "tab:red", "killed": "tab:gray"}
 
 
@@ -296,7 +298,17 @@ def probe_layers_figure(probes: list[dict], teacher_acc: Optional[float], title:
     pooling = "/".join(dict.fromkeys(p["pooling"] for p in probes))
     ax.set_title(title or f"probe accuracy by layer ({pooling} pooling)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
+    handles = ax.get_legend_handles_labels()
+    l2 = [probe_l2(p) for p in probes]
+    if len({v for v in l2 if v is not None}) > 1:
+        right = ax.twinx()
+        right.plot(xs, [np.nan if v is None else v for v in l2], ls="none", marker="_", ms=9, mew=2,
+                   color="tab:green", alpha=0.6, label="probe l2 (right)")
+        right.set_yscale("log")
+        right.set_ylabel("probe l2", color="tab:green", fontsize=8)
+        right.tick_params(axis="y", labelsize=7, colors="tab:green")
+        handles = [a + b for a, b in zip(handles, right.get_legend_handles_labels())]
+    ax.legend(*handles, loc="best", fontsize="small")
     return fig
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
+from kdray.core.cache import probe_l2
 from kdray.core.methods import describe_methods
+from kdray.core.probes import AUTO, describe_l2
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:
@@ -31,7 +33,8 @@ def summary_table(s: Any) -> str:
                  ["teacher source", s.teacher.get("source", "-")],
                  ["test agreement with teacher", fmt(s.test_teacher_agreement)]]
     for p in s.probes:
-        rows.append([f"probe val acc [{p['layer']}]", fmt(p["val_acc"])])
+        l2 = f" (l2 {describe_l2(p['l2'])})" if p.get("l2") is not None else ""
+        rows.append([f"probe val acc [{p['layer']}]", fmt(p["val_acc"]) + l2])
     last = s.history[-1] if s.history else {}
     rows += [[f"last epoch {k}", fmt(v)] for k, v in last.items() if k.startswith("loss")]
     for variant, m in getattr(s, "export", {}).items():
@@ -53,15 +56,18 @@ def layers_table(infos: Iterable[Any], probe_acc: dict[str, float] | None = None
 
 
 def probe_layers_table(found: Any) -> str:
-    """A probe per teacher layer in depth order (:class:`kdray.experiment.run.ProbeLayers`): its dimension and
-    accuracies, the teacher's own validation accuracy beside each, and the best layer marked."""
+    """A probe per teacher layer in depth order (:class:`kdray.experiment.run.ProbeLayers`): its dimension,
+    accuracies and L2 strength (cross-validated for ``l2: auto``), the teacher's own validation accuracy beside each,
+    and the best layer marked."""
     best = found.best["layer"] if found.best else None
     teacher = fmt(found.teacher_val_acc) if found.teacher_val_acc is not None else "-"
-    rows = [[i, p["layer"], p["dim"], fmt(p["train_acc"]), fmt(p["val_acc"]), teacher, "best" if p["layer"] == best else ""]
-            for i, p in enumerate(found.probes)]
+    rows = [[i, p["layer"], p["dim"], fmt(p["train_acc"]), fmt(p["val_acc"]), describe_l2(probe_l2(p)), teacher,
+             "best" if p["layer"] == best else ""] for i, p in enumerate(found.probes)]
+    auto = any(p["l2"] == AUTO for p in found.probes)
     head = ["depth", "teacher layer", "dim", "probe train acc", f"probe val acc ({found.pooling})",
-            "teacher's own val acc", ""]
+            "l2 (cross-validated)" if auto else "l2", "teacher's own val acc", ""]
     return table(rows, head)
+
 
 
 METHOD_COLUMNS = ["method", "kind", "reads", "layers", "reference weight", "T", "paper", "notes"]

@@ -24,7 +24,8 @@ import pandas as pd
 
 from kdray import paths
 from kdray.config import config_error_from
-from kdray.core.cache import get_cache
+from kdray.core.cache import get_cache, probe_l2
+from kdray.core.probes import describe_l2
 from kdray.core.train import resolve_device
 from kdray.errors import ConfigError, KdrayError
 from kdray.experiment.run import cache_info, cache_request, prepare
@@ -272,7 +273,8 @@ def search_cache(corners: list, prep: Any) -> Any:
                       batch_size=cfg.data.eval_batch_size, device=resolve_device("auto"),
                       outputs_fn=outputs_fn_for(cfg.teacher_cache.workers))
     for r in cache.manifest.get("probes", []):
-        log.info("probe on %s (%s pooling): val acc %.3f", r["layer"], r["pooling"], r["val_acc"])
+        log.info("probe on %s (%s pooling, l2 %s): val acc %.3f", r["layer"], r["pooling"],
+                 describe_l2(probe_l2(r), r["l2"]), r["val_acc"])
     if "test" in cache.manifest.get("teacher_accuracy", {}):  # measured by the one teacher pass
         prep.teacher_info.setdefault("teacher_test_acc", cache.manifest["teacher_accuracy"]["test"])
     return cache

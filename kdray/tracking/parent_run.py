@@ -17,6 +17,8 @@ from typing import Any, Optional
 import yaml
 
 from kdray import __version__, paths
+from kdray.core.cache import probe_l2
+from kdray.core.probes import l2_text
 from kdray.report.plots import probe_layers_plot
 from kdray.redact import mask
 from kdray.tracking.client import (_KEY_OK, ERROR_TAG, PARENT_ID_FILE, ROLE_TAG, SEARCH_PATH_TAG, STATUS_TAG, _chunks,
@@ -166,23 +168,32 @@ class ParentRun:
         c.log_text(run_id, yaml.safe_dump(settings, sort_keys=False), "config/search_settings.yaml")
 
     def _log_probes(self, probes: list[dict], teacher_val_acc: Optional[float] = None) -> None:
-        """The probes fitted up-front on the candidate layers, as metrics ``probe_val_acc.<layer>.<pooling>`` (and
-        ``teacher_val_acc``, the teacher's own), and the plot of both by layer (``probes/<pooling>.png``)."""
+        """The probes fitted up-front on the candidate layers, as metrics ``probe_val_acc.<layer>.<pooling>`` and
+        ``probe_l2.<layer>.<pooling>`` (the strength fitted: cross-validated for ``l2: auto``), with ``.l2_<l2>``
+        after them when the search fits several strengths per layer; ``teacher_val_acc``, the teacher's own; and
+        the plot of both by layer (``probes/<pooling>.png``, ``probes/<pooling>-l2_<l2>.png``)."""
         if not probes:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(_KEY_OK.sub("_", f"probe_val_acc.{p['layer']}.{p['pooling']}"), float(p["val_acc"]), now, 0)
-                   for p in probes if math.isfinite(p["val_acc"])]
+        several = len({l2_text(p["l2"]) for p in probes}) > 1
+        metrics = []
+        for p in probes:
+            key = f"{p['layer']}.{p['pooling']}" + (f".l2_{l2_text(p['l2'])}" if several else "")
+            if math.isfinite(p["val_acc"]):
+                metrics.append(Metric(_KEY_OK.sub("_", f"probe_val_acc.{key}"), float(p["val_acc"]), now, 0))
+            if (l2 := probe_l2(p)) is not None:
+                metrics.append(Metric(_KEY_OK.sub("_", f"probe_l2.{key}"), float(l2), now, 0))
         if teacher_val_acc is not None:
             metrics.append(Metric("teacher_val_acc", float(teacher_val_acc), now, 0))
         self.store.client.log_batch(self.store.parent_run_id, metrics=metrics)
         with tempfile.TemporaryDirectory() as d:
-            for pooling in sorted({p["pooling"] for p in probes}):
-                same = [p for p in probes if p["pooling"] == pooling]
+            for pooling, l2 in sorted({(p["pooling"], l2_text(p["l2"])) for p in probes}):
+                same = [p for p in probes if p["pooling"] == pooling and l2_text(p["l2"]) == l2]
                 if len(same) > 1:
-                    png = probe_layers_plot(same, teacher_val_acc, Path(d) / f"{pooling}.png")
+                    name = _KEY_OK.sub("_", f"{pooling}-l2_{l2}" if several else pooling)
+                    png = probe_layers_plot(same, teacher_val_acc, Path(d) / f"{name}.png")
                     self.store.client.log_artifact(self.store.parent_run_id, str(png), "probes")
 
     def end(self, status: str, error: Optional[str] = None) -> None:

@@ -1,15 +1,16 @@
 """Response methods: the student matches soft targets on the classes (teacher logits, or a probe's)."""
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal, Union
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from kdray.config import Strict
-from kdray.core.probes import POOLINGS
+from kdray.core.probes import AUTO, POOLINGS
 from kdray.core.methods.base import METHODS, PROBES, TEACHER_LOGITS, Method, Signals, feature, kd_loss, kl_rows, need
 
 
@@ -30,21 +31,31 @@ class ProbeKD(Method):
     """Probe-KD: :func:`~kdray.core.methods.base.kd_loss` whose soft targets are the logits of a probe fitted
     on one teacher layer (``sig.probe_logits[teacher_layers[0]]``).
 
-    The options describe how the caller fits the probe (feature pooling, L2 penalty, iterations).
+    The options describe how the caller fits the probe (feature pooling, L2 penalty, iterations). ``l2: auto``
+    (the default) chooses the penalty per layer by stratified cross-validation on the labelled training examples
+    (:mod:`kdray.core.probe_cv`); a number fixes it.
 
     YAML: ``{method: probe_kd, teacher_layers: [relu2], options: {pooling: mean}}``
     """
 
     kind, reads, layers, default_weight, uses_temperature = "response", frozenset({PROBES}), "teacher", 0.9, True
     paper, url = "kdray (linear probes: Alain & Bengio 2016)", "https://arxiv.org/abs/1610.01644"
-    notes = "probe predictions as soft targets; options `pooling`, `l2`, `max_iter`"
+    notes = "probe predictions as soft targets; options `pooling`, `l2` (default `auto`: cross-validated), `max_iter`"
 
     class Options(Strict):
         # how the layer output becomes a vector; auto: a decoder's last real token, an encoder's mean over real
         # tokens, a feature map's spatial mean (kdray.core.blocks.resolve_pooling)
         pooling: Literal[POOLINGS] = "auto"  # type: ignore[valid-type]
-        l2: float = Field(1e-3, gt=0)  # L2 penalty of the (multinomial logistic) probe
+        # L2 penalty of the (multinomial logistic) probe: auto (cross-validated) or a number > 0
+        l2: Union[Literal[AUTO], float] = AUTO  # type: ignore[valid-type]
         max_iter: int = Field(100, ge=1)  # optimizer iterations when fitting the probe
+
+        @field_validator("l2", mode="before")
+        @classmethod
+        def _auto_or_positive(cls, v: Any) -> Any:
+            if v == AUTO or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf):
+                return v
+            raise ValueError(f"{AUTO!r} (chosen by cross-validation) or a finite number > 0")
 
     def forward(self, sig: Signals) -> Tensor:
         return kd_loss(sig.student_logits, feature(sig.probe_logits, self.teacher_layers[0], "probe"), self.temperature)

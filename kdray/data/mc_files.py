@@ -1,8 +1,10 @@
 """Multiple-choice questions from disk, in the layouts of the benchmarks the Probe-KD paper uses.
 
-:func:`read_split` reads one split of a ``datasets`` ``save_to_disk`` folder, or ``<split>.jsonl`` /
-``<split>.json`` / ``<split>.parquet`` in the data folder, as a list of rows; :func:`normalise` turns each row into
-a :class:`Question` (text, choice texts, index of the answer) by ``params.format``:
+:func:`read_splits` reads the train and test rows of a ``datasets`` ``save_to_disk`` folder in any layout of
+:mod:`kdray.data.saved` (a ``DatasetDict``; one ``Dataset``, e.g. ``ai2_arc/ARC-Easy/validation``, split by
+``test_fraction``; one folder per split, e.g. MMLU's ``<subject>/{dev,validation,test}``), or of
+``<split>.jsonl`` / ``<split>.json`` / ``<split>.parquet`` files in the data folder; :func:`normalise` turns each row
+into a :class:`Question` (text, choice texts, index of the answer) by ``params.format``:
 
 - ``arc`` (``allenai/ai2_arc``): ``question``, ``choices: {text: [...], label: [...]}``, ``answerKey`` (a label:
   ``"A".."D"``, or ``"1".."4"`` in some questions);
@@ -22,10 +24,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from kdray.core.text import CHOICE_LETTERS
+from kdray.data.saved import is_saved_layout, load_saved
 from kdray.errors import ConfigError
 
 FORMATS = ("arc", "mmlu", "aqua", "fields")
-SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
 
 
 @dataclass(frozen=True)
@@ -47,14 +49,28 @@ class Fields:
 # reading files
 
 
-def is_saved_dataset(root: Path) -> bool:
-    return any((root / m).is_file() for m in SAVED_MARKERS)
+@dataclass(frozen=True)
+class Rows:
+    """The rows of the train and test splits, the names they go by, and the folder's layout."""
+
+    train: list[dict]
+    test: list[dict]
+    train_name: str
+    test_name: str
+    layout: str  # a layout of kdray.data.saved, or "files"
 
 
-def read_split(root: Path, split: str, key: str) -> list[dict]:
-    """The rows of ``split`` (``key`` names the params field that chose it, for errors)."""
-    if is_saved_dataset(root):
-        return _saved_split(root, split, key)
+def read_splits(root: Path, train_split: str, test_split: str, test_fraction: float) -> Rows:
+    """The train and test rows of a saved folder (any layout of :mod:`kdray.data.saved`) or of split files."""
+    if is_saved_layout(root):
+        s = load_saved(root, train_split, test_split, test_fraction)
+        return Rows(s.train.to_list(), s.test.to_list(), s.train_name, s.test_name, s.layout)
+    return Rows(read_split_file(root, train_split, "train_split"), read_split_file(root, test_split, "test_split"),
+                train_split, test_split, "files")
+
+
+def read_split_file(root: Path, split: str, key: str) -> list[dict]:
+    """The rows of ``<split>.jsonl`` / ``.json`` / ``.parquet`` (``key`` names the params field that chose it)."""
     for suffix, reader in ((".jsonl", _read_jsonl), (".json", _read_json), (".parquet", _read_parquet)):
         path = root / f"{split}{suffix}"
         if path.is_file():
@@ -63,21 +79,6 @@ def read_split(root: Path, split: str, key: str) -> list[dict]:
     raise ConfigError(f"data.params.{key}", split, f"a split with a file {split}.jsonl, {split}.json or "
                                                    f"{split}.parquet in {root}, or a datasets save_to_disk folder "
                                                    f"(files there: {', '.join(have) or 'none'})")
-
-
-def _saved_split(root: Path, split: str, key: str) -> list[dict]:
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(root))
-    except (FileNotFoundError, OSError, ValueError) as e:
-        raise ConfigError("data.root", str(root), f"a data set the datasets library can load ({e})") from None
-    if isinstance(ds, datasets.Dataset):
-        raise ConfigError("data.root", str(root), "a DatasetDict with train and test splits (this folder holds a "
-                                                  "single Dataset)")
-    if split not in ds:
-        raise ConfigError(f"data.params.{key}", split, "one of the splits " + ", ".join(ds.keys()))
-    return ds[split].to_list()
 
 
 def _read_jsonl(path: Path) -> list[dict]:

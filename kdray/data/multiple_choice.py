@@ -29,7 +29,7 @@ from pydantic import Field, field_validator
 
 from kdray.config import DataConfig
 from kdray.core.text import ANSWER_CUE, CHOICE_LETTERS, load_tokenizer, pad_rows
-from kdray.data.mc_files import FORMATS, Fields, Question, normalise, read_split
+from kdray.data.mc_files import FORMATS, Fields, Question, normalise, read_splits
 from kdray.data.registry import Params, RawData, register_dataset
 from kdray.errors import ConfigError
 
@@ -55,6 +55,7 @@ class MultipleChoiceParams(Params):
     student_max_length: Optional[int] = Field(None, ge=8)  # default: max_length
     train_split: str = "train"
     test_split: str = "test"
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # only for a saved single Dataset (no splits): seed 0, not stratified
 
     @field_validator("template", "student_template")
     @classmethod
@@ -164,12 +165,13 @@ def drop_tokens(tokenizer: Any, text: str, n: int) -> str:
 # the loader
 
 
-def _questions(root: Path, p: MultipleChoiceParams) -> tuple[list[Question], list[Question], dict]:
-    """Train and test questions with ``num_choices`` choices; the others dropped and counted."""
+def _questions(root: Path, p: MultipleChoiceParams) -> tuple[list[Question], list[Question], dict, str]:
+    """Train and test questions with ``num_choices`` choices (the others dropped and counted), and the layout."""
     fields = Fields(p.question_field, p.choices_field, p.answer_field)
+    rows = read_splits(root, p.train_split, p.test_split, p.test_fraction)
     kept, dropped = {}, {}
-    for split, key, name in (("train", "train_split", p.train_split), ("test", "test_split", p.test_split)):
-        qs = normalise(read_split(root, name, key), p.format, fields, name)
+    for split, name in (("train", rows.train_name), ("test", rows.test_name)):
+        qs = normalise(getattr(rows, split), p.format, fields, name)
         kept[split] = [q for q in qs if len(q.choices) == p.num_choices]
         dropped[split] = len(qs) - len(kept[split])
         if not kept[split]:
@@ -180,7 +182,7 @@ def _questions(root: Path, p: MultipleChoiceParams) -> tuple[list[Question], lis
         if dropped[split]:
             log.warning("multiple_choice: dropped %d of %d %s questions whose number of choices is not %d",
                         dropped[split], len(qs), name, p.num_choices)
-    return kept["train"], kept["test"], dropped
+    return kept["train"], kept["test"], dropped, rows.layout
 
 
 def _views(p: MultipleChoiceParams, train: list[Question], shot_ids: Sequence[int]) -> tuple[View, View]:
@@ -215,7 +217,7 @@ def choose_shots(labelled: Sequence[int], k: int, seed: int) -> list[int]:
 
 
 def build_raw(root: Path, p: MultipleChoiceParams, train: list[Question], test: list[Question], dropped: dict,
-              shot_ids: Sequence[int]) -> RawData:
+              shot_ids: Sequence[int], layout: str = "files") -> RawData:
     teacher, student = _views(p, train, shot_ids)
     x_tr, x_te = student.ids(train, "train"), student.ids(test, "test")
     t_tr, t_te = teacher.ids(train, "train"), teacher.ids(test, "test")
@@ -226,8 +228,8 @@ def build_raw(root: Path, p: MultipleChoiceParams, train: list[Question], test: 
     same = t_tr.shape == x_tr.shape and t_te.shape == x_te.shape and torch.equal(t_tr, x_tr) and torch.equal(t_te, x_te)
     y_tr = torch.tensor([q.answer for q in train], dtype=torch.long)
     y_te = torch.tensor([q.answer for q in test], dtype=torch.long)
-    meta = {"format": p.format, "num_choices": p.num_choices, "dropped": dropped, "n_train": len(train),
-            "n_test": len(test), "teacher_tokenizer": p.teacher_tokenizer,
+    meta = {"format": p.format, "layout": layout, "num_choices": p.num_choices, "dropped": dropped,
+            "n_train": len(train), "n_test": len(test), "teacher_tokenizer": p.teacher_tokenizer,
             "student_tokenizer": p.student_tokenizer or p.teacher_tokenizer, "two_views": not same,
             "few_shot": list(shot_ids), "teacher_tokens": int(t_tr.shape[1]), "student_tokens": int(x_tr.shape[1]),
             "vocab_size": len(student.tokenizer), "classes": list(CHOICE_LETTERS[:p.num_choices]),
@@ -241,12 +243,12 @@ def build_raw(root: Path, p: MultipleChoiceParams, train: list[Question], test: 
 def multiple_choice(cfg: DataConfig, cache_dir: str | None = None) -> RawData:
     p = MultipleChoiceParams.model_validate(cfg.params)
     root = Path(cfg.root or ".").expanduser()
-    train, test, dropped = _questions(root, p)
+    train, test, dropped, layout = _questions(root, p)
     y_tr = torch.tensor([q.answer for q in train], dtype=torch.long)
     if p.few_shot == 0:
-        return build_raw(root, p, train, test, dropped, ())
+        return build_raw(root, p, train, test, dropped, (), layout)
     # few-shot prompts need the labelled training examples, known only after the split: render them then
     empty = torch.empty(0)
     return RawData(empty, y_tr, empty, torch.tensor([q.answer for q in test]), p.num_choices, None, {},
                    with_labelled=lambda labelled: build_raw(root, p, train, test, dropped,
-                                                            choose_shots(labelled, p.few_shot, cfg.seed)))
+                                                            choose_shots(labelled, p.few_shot, cfg.seed), layout))

@@ -16,7 +16,8 @@ from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
 from kdray.core.bundle import DataBundle
-from kdray.core.cache import CacheRequest, get_cache, probe_reports
+from kdray.core.cache import CacheRequest, get_cache
+from kdray.core.cache_probes import probe_reports
 from kdray.core.methods import build_terms
 from kdray.models.mnist1d import MNIST1DCNN
 from kdray.core.probe_fit import FOLDS, L2_GRID, _pick, fallback_l2, fit_linear, standardisation, stratified_folds

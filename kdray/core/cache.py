@@ -46,9 +46,10 @@ from kdray.core.bundle import DataBundle
 from kdray.core.cache_store import (FORMAT, SPLITS, CorruptEntry, entry_folder_name, entry_path, list_entry_names,
                                     load_entry, publish, read_manifest, remove_entry, sweep_stale_tmp, tmp_folder,
                                     write_splits)
-from kdray.core.hooks import FeatureHooks, module_order, split_layer
-from kdray.core.probe_fit import fit_linear
-from kdray.core.probes import Probe, ProbeReport, ProbeSpec, accuracy, log_probe, pool, probe_of
+from kdray.core.cache_probes import (pooled_column, report_of, fit_cached_probe, fit_cached_probes, in_module_order,
+                                     probe_record, spec_of)
+from kdray.core.hooks import FeatureHooks
+from kdray.core.probes import ProbeReport, ProbeSpec, log_probe, pool
 from kdray.core.text import length_batches
 from kdray.paths import cache_location
 
@@ -167,10 +168,10 @@ class TeacherCache:
         the cached pooled outputs (a probe setting the search did not list, e.g. a searched ``l2``)."""
         for p in self.manifest.get("probes", []):
             if spec.column in self.arrays["train"] and spec_of(p) == spec:
-                return self.tensor("train", spec.column), _report(p)
+                return self.tensor("train", spec.column), report_of(p)
         probe, report = fit_cached_probe(self.arrays, spec, self.manifest["num_classes"])
         with torch.no_grad():
-            return probe(self.tensor("train", _pooled_column(spec.layer, spec.pooling)).float()), report
+            return probe(self.tensor("train", pooled_column(spec.layer, spec.pooling)).float()), report
 
 
     def probe_records(self, specs: Iterable[ProbeSpec]) -> list[dict]:
@@ -184,31 +185,6 @@ class TeacherCache:
         return [have[s] for s in specs]
 
 
-def probe_record(spec: ProbeSpec, report: ProbeReport) -> dict:
-    """A probe as the manifest records it: its settings, dimension, accuracies and the strength it was fitted with."""
-    return {**asdict(spec), "dim": report.dim, "train_acc": report.train_acc, "val_acc": report.val_acc,
-            "l2_chosen": report.l2}
-
-
-def spec_of(p: dict) -> ProbeSpec:
-    return ProbeSpec(p["layer"], p["pooling"], p["l2"], p["max_iter"])
-
-
-def probe_l2(p: dict) -> Optional[float]:
-    """The strength a manifest's probe record was fitted with: ``l2_chosen`` (absent in entries written before
-    ``l2: auto``), else its fixed ``l2``; None when unknown."""
-    fixed = p.get("l2")
-    return p.get("l2_chosen", None if isinstance(fixed, str) else fixed)
-
-
-def _report(p: dict) -> ProbeReport:
-    return ProbeReport(p["layer"], p["pooling"], p["dim"], p["train_acc"], p["val_acc"], probe_l2(p))
-
-
-def probe_reports(manifest: dict) -> list[ProbeReport]:
-    return [_report(p) for p in manifest.get("probes", [])]
-
-
 def covers(manifest: dict, request: CacheRequest) -> bool:
     have = manifest.get("request", {})
     probes = {spec_of(p) for p in have.get("probes", [])}
@@ -216,40 +192,6 @@ def covers(manifest: dict, request: CacheRequest) -> bool:
     return (have.get("dtype") == request.dtype and have.get("pooled_dtype", "float32") == request.pooled_dtype
             and set(request.feature_layers) <= set(have.get("feature_layers", []))
             and all(p in probes or (p.layer, p.pooling) in pooled for p in request.probes))
-
-
-def _pooled_column(layer: str, pooling: str) -> str:
-    return f"pool/{layer}/{pooling}"
-
-
-def _labelled_pooled(arrays: dict, spec: ProbeSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cached pooled outputs of the spec's layer on the labelled training examples, and their labels."""
-    y = torch.from_numpy(np.asarray(arrays["train"]["label"]))
-    lab = y >= 0
-    z = torch.from_numpy(np.array(arrays["train"][_pooled_column(spec.layer, spec.pooling)], dtype=np.float32))
-    return z[lab], y[lab]
-
-
-def fit_cached_probe(arrays: dict, spec: ProbeSpec, num_classes: int) -> tuple[Probe, ProbeReport]:
-    return fit_cached_probes(arrays, [spec], num_classes)[0]
-
-
-def fit_cached_probes(arrays: dict, specs: list[ProbeSpec], num_classes: int) -> list[tuple[Probe, ProbeReport]]:
-    """Fit ``specs`` on the cached pooled outputs of the labelled training examples, all together (the ``l2: auto``
-    strengths cross-validated together): (probe, report) per spec."""
-    out: dict[ProbeSpec, tuple[Probe, ProbeReport]] = {}
-    yv = torch.from_numpy(np.asarray(arrays["val"]["label"]))
-    for max_iter in sorted({s.max_iter for s in specs}):
-        same = [s for s in specs if s.max_iter == max_iter]
-        data = [_labelled_pooled(arrays, s) for s in same]
-        y = data[0][1]
-        fits = fit_linear([z for z, _ in data], y, num_classes, [s.l2 for s in same], max_iter)
-        for spec, (z, _), fit in zip(same, data, fits):
-            probe = probe_of(fit, spec.pooling)
-            zv = torch.from_numpy(np.array(arrays["val"][_pooled_column(spec.layer, spec.pooling)], dtype=np.float32))
-            out[spec] = probe, ProbeReport(spec.layer, spec.pooling, z.shape[1], accuracy(probe, z, y),
-                                           accuracy(probe, zv, yv), probe.l2)
-    return [out[s] for s in specs]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,7 +206,7 @@ def teacher_outputs(model: nn.Module, x: torch.Tensor, request: CacheRequest, ba
     ids are batched by length (:func:`~kdray.core.text.length_batches`) so little is spent on padding."""
     layers = sorted(set(request.feature_layers) | {layer for layer, _ in request.pooled})
     dtypes = {"logits": np.float32, **{f"feat/{p}": request.dtype for p in request.feature_layers},
-              **{_pooled_column(p, how): request.pooled_dtype for p, how in request.pooled}}
+              **{pooled_column(p, how): request.pooled_dtype for p, how in request.pooled}}
     cols: dict[str, list[np.ndarray]] = {k: [] for k in dtypes}
     order = []
     weight_dtype = next((p.dtype for p in model.parameters()), torch.float32)
@@ -277,7 +219,7 @@ def teacher_outputs(model: nn.Module, x: torch.Tensor, request: CacheRequest, ba
             for p in request.feature_layers:
                 cols[f"feat/{p}"].append(hooks.outputs[p].float().cpu().numpy().astype(dtypes[f"feat/{p}"], copy=False))
             for p, how in request.pooled:
-                col = _pooled_column(p, how)
+                col = pooled_column(p, how)
                 pooled = pool(hooks.outputs[p], how, hooks.masks.get(p))
                 cols[col].append(storable(pooled.float().cpu().numpy(), dtypes[col]))
     where = np.argsort(np.concatenate(order)) if order else np.zeros((0,), np.int64)
@@ -300,7 +242,7 @@ def widen_overflowing(arrays: dict, request: CacheRequest) -> dict[str, str]:
     dtype of every pooled column (what the manifest records), with one warning naming those widened."""
     dtypes = {}
     for p, how in request.pooled:
-        col = _pooled_column(p, how)
+        col = pooled_column(p, how)
         dtypes[col] = np.result_type(*(arrays[s][col].dtype for s in SPLITS)).name
         for s in SPLITS:
             arrays[s][col] = arrays[s][col].astype(dtypes[col], copy=False)
@@ -335,7 +277,7 @@ def _add_probe_predictions(arrays: dict, request: CacheRequest, num_classes: int
     for spec, (probe, report) in zip(request.probes, fit_cached_probes(arrays, list(request.probes), num_classes)):
         with torch.no_grad():
             for split in SPLITS:
-                z = torch.from_numpy(arrays[split][_pooled_column(spec.layer, spec.pooling)])
+                z = torch.from_numpy(arrays[split][pooled_column(spec.layer, spec.pooling)])
                 arrays[split][spec.column] = probe(z.float()).numpy()
         probes.append(probe_record(spec, report))
         log_probe(report, spec.l2)
@@ -352,15 +294,6 @@ def teacher_accuracy(arrays: dict, num_classes: int) -> dict[str, float]:
         if logits.ndim == 2 and logits.shape[1] == num_classes and lab.any():
             out[split] = float((logits[lab].argmax(1) == y[lab]).mean())
     return out
-
-
-def in_module_order(probes: list[dict], teacher: nn.Module) -> list[dict]:
-    """The probe records sorted by their layer's place in the teacher (:func:`~kdray.core.hooks.module_order`: the
-    order a forward produces the outputs of a model built in the order it runs), each with that ``depth`` (what
-    tables and plots by layer follow)."""
-    order = module_order(teacher)
-    depth = {r["layer"]: order.get(split_layer(r["layer"])[0], len(order)) for r in probes}
-    return sorted(({**r, "depth": depth[r["layer"]]} for r in probes), key=lambda r: (r["depth"], r["layer"]))
 
 
 def _fill_entry(folder: Path, key: str, teacher: nn.Module, bundle: DataBundle, request: CacheRequest,

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from kdray.core.cache import probe_l2
+from kdray.core.cache_probes import probe_l2
 
 STATUS_COLORS = {"finished": "tab:blue", "pruned": "tab:orange", "failed": "tab:red", "killed": "tab:gray"}
 

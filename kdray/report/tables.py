@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
-from kdray.core.cache import probe_l2
+from kdray.core.cache_probes import probe_l2
 from kdray.core.methods import describe_methods
 from kdray.core.probes import AUTO, describe_l2
 

@@ -24,7 +24,8 @@ import pandas as pd
 
 from kdray import paths
 from kdray.config import config_error_from
-from kdray.core.cache import get_cache, probe_l2
+from kdray.core.cache import get_cache
+from kdray.core.cache_probes import probe_l2
 from kdray.core.probes import describe_l2
 from kdray.core.train import resolve_device
 from kdray.errors import ConfigError, KdrayError

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from kdray import __version__, paths
-from kdray.core.cache import probe_l2
+from kdray.core.cache_probes import probe_l2
 from kdray.core.probes import l2_text
 from kdray.report.plots import probe_layers_plot
 from kdray.redact import mask

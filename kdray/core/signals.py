@@ -72,7 +72,8 @@ class TeacherPass:
     masks: dict[str, Optional[torch.Tensor]]
 
     def pooled(self, layer: str, pooling: str) -> torch.Tensor:
-        return pool(self.features[layer], pooling, self.masks.get(layer))
+        x = self.features[layer]
+        return pool(x, pooling, self.masks.get(layer)) if len(x) else x  # a split without examples: nothing to pool
 
 
 def teacher_pass(model: nn.Module, x: torch.Tensor, layers: list[str], batch_size: int) -> TeacherPass:

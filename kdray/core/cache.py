@@ -8,11 +8,12 @@ poolings, probe settings and the storage dtype, so any change makes a new entry.
 
 On disk (``<cache>/teacher_outputs/<key>/``, where ``<cache>`` may be a storage URI: see
 :func:`kdray.paths.cache_location`): one Parquet file per split (fixed-size-list columns, float32
-or float16) and ``manifest.json`` with the shapes, the probes' accuracies, the size per example and a
-SHA-256 per file. A file whose checksum does not match is reported and the entry rebuilt, never used; a
-manifest that is not JSON or not of the shape written here is reported and its entry skipped (``kdray cache rm``
-still removes it). An entry is built in a temporary folder renamed into place: a failed or interrupted build
-removes it, and the folders of killed builds are swept whenever the cache is opened.
+or float16) and ``manifest.json`` with the shapes, the probes' accuracies and strengths (``l2_chosen``, the one
+an ``l2: auto`` probe's cross-validation chose), the size per example and a SHA-256 per file. A file whose
+checksum does not match is reported and the entry rebuilt, never used; a manifest that is not JSON or not of the
+shape written here is reported and its entry skipped (``kdray cache rm`` still removes it). An entry is built in a
+temporary folder renamed into place: a failed or interrupted build removes it, and the folders of killed builds are
+swept whenever the cache is opened.
 An entry whose content covers a request (same teacher, data and dtype; a superset of layers and
 probes) serves it, so ``kdray train`` reuses what a search built.
 
@@ -202,6 +203,7 @@ def _labelled_pooled(arrays: dict, spec: ProbeSpec) -> tuple[torch.Tensor, torch
 
 
 def fit_cached_probe(arrays: dict, spec: ProbeSpec, num_classes: int) -> tuple[Probe, ProbeReport]:
+    """One probe of :func:`fit_cached_probes`."""
     return fit_cached_probes(arrays, [spec], num_classes)[0]
 
 

@@ -8,7 +8,7 @@ poolings, probe settings and the storage dtype, so any change makes a new entry.
 
 On disk (``<cache>/teacher_outputs/<key>/``, where ``<cache>`` may be a storage URI: see
 :func:`kdray.paths.cache_location`): one Parquet file per split (fixed-size-list columns, float32
-or float16) and ``manifest.json`` with the shapes, the probes' accuracies, the size per example, the dtype of
+or float16) and ``manifest.json`` with the shapes, the probes' accuracies and strengths (``l2_chosen``), the size per example, the dtype of
 each pooled column (``pooled_dtypes``) and a SHA-256 per file. Pooled states are never stored as inf: a float16
 column that would overflow (a hidden value above 65504) is float32 in the whole entry (:func:`storable`,
 :func:`widen_overflowing`; Parquet has no bfloat16). A file whose checksum does not match is reported and the entry rebuilt, never used; a

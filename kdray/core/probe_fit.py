@@ -6,10 +6,10 @@ outputs of the labelled training examples, standardised by their mean and standa
 (:func:`standardisation`). With ``l2: auto`` the strength is picked per layer from :data:`L2_GRID` by stratified
 k-fold cross-validation on those examples only (:func:`stratified_folds`): the strength with the best mean held-out
 accuracy wins, the stronger on a tie, and the final probe is fitted on all of them with that strength scaled by the
-share of the examples a fold trained on (:attr:`L2Choice.refit_l2`: the strength reported). The folds share the
-standardisation of all the labelled examples (the one the final probe uses). scikit-learn's ``LogisticRegressionCV(Cs, cv=StratifiedKFold)`` on standardised features is the
-reference: its ``C`` is ``l2 = 1 / (C * n_train)`` here (for two classes scikit-learn fits one weight vector, which
-makes its ``l2`` half of kdray's two-row multinomial one).
+share of the examples a fold trained on (:attr:`L2Choice.refit_l2`, the strength reported). The folds share the
+standardisation of all the labelled examples (the one the final probe uses). The reference is scikit-learn's
+``LogisticRegressionCV(Cs, cv=StratifiedKFold)`` on standardised features: its ``C`` is ``l2 = 1 / (C * n_train)``
+here (for two classes scikit-learn fits one weight vector, which makes its ``l2`` half of kdray's two-row one).
 
 The fit (:func:`fit_linear`): each layer's standardised features are rotated onto their principal axes (an exact
 change of basis for an L2-penalised linear model: the optimum lies in the span of the examples, so at most
@@ -39,6 +39,7 @@ FOLDS = 5
 TOL = 1e-4  # largest gradient entry of the mean loss at which a fit has converged (scikit-learn's lbfgs tol)
 _HISTORY = 10  # L-BFGS pairs kept per problem
 _CHUNK_FLOATS = 2 ** 26  # the solver's state for one batch of layers stays below about 256 MB
+_ONE_THREAD_MACS = 5e8  # multiply-adds per objective below which a batch runs on one CPU thread
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,20 @@ def solve(batch: _Batch, max_iter: int, tol: float = TOL) -> tuple[Tensor, int, 
     """All problems of ``batch`` by batched L-BFGS from zero, each with its own backtracking (Armijo) step and its
     own stop (largest gradient entry below ``tol``, no progress, or ``max_iter`` iterations); the problems every
     layer has finished leave the batch. The weights (L, P, C, R + 1), the iterations run, and the fraction of
-    problems that converged."""
+    problems that converged. A small batch on the CPU runs on one thread: its many small steps would spend more
+    waiting for the other threads than they save (on a busy machine, many times more)."""
+    L, n, R1 = batch.z.shape
+    small = batch.z.device.type == "cpu" and L * n * R1 * batch.weight.shape[1] * batch.num_classes < _ONE_THREAD_MACS
+    threads = torch.get_num_threads()
+    if small:
+        torch.set_num_threads(1)
+    try:
+        return _solve(batch, max_iter, tol)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _solve(batch: _Batch, max_iter: int, tol: float) -> tuple[Tensor, int, float]:
     L, _, R1 = batch.z.shape
     P, C = batch.weight.shape[1], batch.num_classes
     out = torch.zeros(L, P, C, R1, device=batch.z.device)
@@ -320,9 +334,9 @@ def fit_linear(feats: Sequence[Tensor], y: Tensor, num_classes: int, l2s: Sequen
     n = len(y)
     feats = [z.float() for z in feats]
     stats = [standardisation(z) for z in feats]
-    if n == 0:
-        return [LinearProbe(m, s, torch.zeros(num_classes, z.shape[1], device=z.device),
-                            torch.zeros(num_classes, device=z.device), fallback_l2(0)) for z, (m, s) in zip(feats, stats)]
+    if n == 0:  # nothing to fit: zero weights
+        return [LinearProbe(m, s, z.new_zeros(num_classes, z.shape[1]), z.new_zeros(num_classes),
+                            fallback_l2(0) if l2 == AUTO else float(l2)) for z, (m, s), l2 in zip(feats, stats, l2s)]
     bases = [principal_basis((z - m) / s) for z, (m, s) in zip(feats, stats)]
     auto = [i for i, l2 in enumerate(l2s) if l2 == AUTO]
     choices = dict(zip(auto, cross_validate([bases[i] for i in auto], y, num_classes, max_iter))) if auto else {}

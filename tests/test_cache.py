@@ -98,6 +98,7 @@ def test_cached_and_in_memory_teacher_signals_train_the_same_student(tiny_raw):
     assert cached.history[-1]["loss"] == pytest.approx(live.history[-1]["loss"], rel=1e-4)
     assert cached.test_acc == pytest.approx(live.test_acc)
     assert cached.probes == live.probes
+    assert cached.probes[0]["l2"] > 0  # l2: auto (the default): the strength chosen, in summary.json
 
 
 def test_features_over_the_budget_go_float16_or_stay_uncached(tiny_raw, caplog):

@@ -47,8 +47,8 @@ from kdray.core.cache_store import (FORMAT, SPLITS, CorruptEntry, entry_folder_n
                                     load_entry, publish, read_manifest, remove_entry, sweep_stale_tmp, tmp_folder,
                                     write_splits)
 from kdray.core.hooks import FeatureHooks, module_order, split_layer
-from kdray.core.probe_cv import choose_l2
-from kdray.core.probes import AUTO, Probe, ProbeReport, ProbeSpec, fit_probe, log_probe, pool
+from kdray.core.probe_fit import fit_linear
+from kdray.core.probes import Probe, ProbeReport, ProbeSpec, accuracy, log_probe, pool, probe_of
 from kdray.core.text import length_batches
 from kdray.paths import cache_location
 
@@ -173,6 +173,23 @@ class TeacherCache:
             return probe(self.tensor("train", _pooled_column(spec.layer, spec.pooling)).float()), report
 
 
+    def probe_records(self, specs: Iterable[ProbeSpec]) -> list[dict]:
+        """The manifest records of ``specs``: those the entry holds, the others fitted now on its pooled outputs
+        (``l2: auto`` strengths cross-validated together), e.g. for an entry built for other probe settings."""
+        have = {spec_of(p): p for p in self.manifest.get("probes", [])}
+        missing = [s for s in specs if s not in have]
+        for spec, (_, report) in zip(missing, fit_cached_probes(self.arrays, missing, self.manifest["num_classes"])):
+            have[spec] = probe_record(spec, report)
+            log_probe(report, spec.l2)
+        return [have[s] for s in specs]
+
+
+def probe_record(spec: ProbeSpec, report: ProbeReport) -> dict:
+    """A probe as the manifest records it: its settings, dimension, accuracies and the strength it was fitted with."""
+    return {**asdict(spec), "dim": report.dim, "train_acc": report.train_acc, "val_acc": report.val_acc,
+            "l2_chosen": report.l2}
+
+
 def spec_of(p: dict) -> ProbeSpec:
     return ProbeSpec(p["layer"], p["pooling"], p["l2"], p["max_iter"])
 
@@ -213,32 +230,26 @@ def _labelled_pooled(arrays: dict, spec: ProbeSpec) -> tuple[torch.Tensor, torch
     return z[lab], y[lab]
 
 
-def fit_cached_probe(arrays: dict, spec: ProbeSpec, num_classes: int, l2: Optional[float] = None
-                     ) -> tuple[Probe, ProbeReport]:
-    """Fit ``spec`` on the cached pooled outputs of the labelled training examples, with strength ``l2`` when given
-    (chosen beforehand for ``l2: auto``), else the spec's own."""
-    z, y = _labelled_pooled(arrays, spec)
-    probe = fit_probe(z, y, num_classes, spec.pooling, spec.l2 if l2 is None else l2, spec.max_iter)
-    col = _pooled_column(spec.layer, spec.pooling)
-    zv = torch.from_numpy(np.array(arrays["val"][col], dtype=np.float32))
+def fit_cached_probe(arrays: dict, spec: ProbeSpec, num_classes: int) -> tuple[Probe, ProbeReport]:
+    return fit_cached_probes(arrays, [spec], num_classes)[0]
+
+
+def fit_cached_probes(arrays: dict, specs: list[ProbeSpec], num_classes: int) -> list[tuple[Probe, ProbeReport]]:
+    """Fit ``specs`` on the cached pooled outputs of the labelled training examples, all together (the ``l2: auto``
+    strengths cross-validated together): (probe, report) per spec."""
+    out: dict[ProbeSpec, tuple[Probe, ProbeReport]] = {}
     yv = torch.from_numpy(np.asarray(arrays["val"]["label"]))
-    with torch.no_grad():
-        train_acc = (probe(z).argmax(1) == y).float().mean().item()
-        val_acc = (probe(zv).argmax(1) == yv).float().mean().item() if len(yv) else float("nan")
-    return probe, ProbeReport(spec.layer, spec.pooling, z.shape[1], train_acc, val_acc, probe.l2)
-
-
-def chosen_l2(arrays: dict, specs: Iterable[ProbeSpec], num_classes: int) -> dict[ProbeSpec, float]:
-    """The strengths of the ``l2: auto`` specs, cross-validated together (one batch per iteration budget)."""
-    auto = [s for s in specs if s.l2 == AUTO]
-    out: dict[ProbeSpec, float] = {}
-    for max_iter in sorted({s.max_iter for s in auto}):
-        same = [s for s in auto if s.max_iter == max_iter]
+    for max_iter in sorted({s.max_iter for s in specs}):
+        same = [s for s in specs if s.max_iter == max_iter]
         data = [_labelled_pooled(arrays, s) for s in same]
-        choices = choose_l2([z for z, _ in data], data[0][1], num_classes, max_iter,
-                            names=[f"{s.layer} ({s.pooling})" for s in same])
-        out.update({s: c.l2 for s, c in zip(same, choices)})
-    return out
+        y = data[0][1]
+        fits = fit_linear([z for z, _ in data], y, num_classes, [s.l2 for s in same], max_iter)
+        for spec, (z, _), fit in zip(same, data, fits):
+            probe = probe_of(fit, spec.pooling)
+            zv = torch.from_numpy(np.array(arrays["val"][_pooled_column(spec.layer, spec.pooling)], dtype=np.float32))
+            out[spec] = probe, ProbeReport(spec.layer, spec.pooling, z.shape[1], accuracy(probe, z, y),
+                                           accuracy(probe, zv, yv), probe.l2)
+    return [out[s] for s in specs]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,15 +332,12 @@ def _compute_arrays(teacher: nn.Module, bundle: DataBundle, request: CacheReques
 def _add_probe_predictions(arrays: dict, request: CacheRequest, num_classes: int) -> list[dict]:
     """Fit the requested probes, add their predictions to ``arrays``; their manifest records."""
     probes = []
-    chosen = chosen_l2(arrays, request.probes, num_classes)
-    for spec in request.probes:
-        probe, report = fit_cached_probe(arrays, spec, num_classes, chosen.get(spec))
+    for spec, (probe, report) in zip(request.probes, fit_cached_probes(arrays, list(request.probes), num_classes)):
         with torch.no_grad():
             for split in SPLITS:
                 z = torch.from_numpy(arrays[split][_pooled_column(spec.layer, spec.pooling)])
                 arrays[split][spec.column] = probe(z.float()).numpy()
-        probes.append({**asdict(spec), "dim": report.dim, "train_acc": report.train_acc, "val_acc": report.val_acc,
-                       "l2_chosen": report.l2})
+        probes.append(probe_record(spec, report))
         log_probe(report, spec.l2)
     return probes
 

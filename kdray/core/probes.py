@@ -1,10 +1,10 @@
 """Probe-KD probes: lightweight classifiers fitted on frozen teacher hidden states.
 
 A probe pools a layer's output to one vector per example (:func:`pool`, over the real tokens of a token
-sequence), standardises it, and applies a multinomial logistic regression with an L2 penalty fitted by full-batch
-L-BFGS on the labelled training examples; the penalty is a number or ``"auto"``, chosen per layer by
-cross-validation on those examples (:mod:`kdray.core.probe_cv`). Its temperature-softened predictions then
-supervise the student (the ``probe_kd`` method), in place of or beside the teacher's own logits.
+sequence), standardises it, and applies a multinomial logistic regression with an L2 penalty fitted on the
+labelled training examples (:mod:`kdray.core.probe_fit`); the penalty is a number, or ``"auto"``: chosen per layer
+by cross-validation on those examples. Its temperature-softened predictions then supervise the student (the
+``probe_kd`` method), in place of or beside the teacher's own logits.
 """
 from __future__ import annotations
 
@@ -14,16 +14,14 @@ from functools import total_ordering
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kdray.core.probe_cv import choose_l2, standardisation
+from kdray.core.probe_fit import AUTO, LinearProbe, fit_linear
 
 log = logging.getLogger("kdray")
 
 POOLINGS = ("auto", "mean", "max", "flatten", "first", "seq_mean", "last")
 TOKEN_POOLINGS = ("seq_mean", "mean", "max", "first", "last")  # what each does to a token sequence: see pool_tokens
-AUTO = "auto"  # the L2 strength chosen on data (and the pooling that follows the output)
 
 
 def is_token_output(x: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
@@ -148,33 +146,24 @@ def log_probe(report: ProbeReport, asked: Union[float, str]) -> None:
 
 
 def fit_probe(train_feats: torch.Tensor, train_y: torch.Tensor, num_classes: int, pooling: str = "mean",
-              l2: Union[float, str] = 1e-3, max_iter: int = 100) -> Probe:
+              l2: Union[float, str] = AUTO, max_iter: int = 100) -> Probe:
     """Fit a multinomial logistic regression (mean cross-entropy + l2/2 * ||W||^2, the intercept not penalised) on
-    the pooled features standardised by their mean and standard deviation, with L-BFGS. ``l2="auto"``: the
-    strength :func:`~kdray.core.probe_cv.choose_l2` picks on these examples; ``probe.l2`` says which."""
+    the pooled features standardised by their mean and standard deviation (:func:`~kdray.core.probe_fit.fit_linear`).
+    ``l2="auto"``: the strength cross-validated on these examples; ``probe.l2`` says which."""
     z = pool(train_feats, pooling).float()
-    if l2 == AUTO:
-        l2 = choose_l2([z], train_y, num_classes, max_iter)[0].l2
-    probe = Probe(z.shape[1], num_classes, pooling).to(z.device)
-    probe.l2 = float(l2)
-    mean, std = standardisation(z)
-    probe.mean.copy_(mean)
-    probe.std.copy_(std)
-    zs = (z - probe.mean) / probe.std
-    nn.init.zeros_(probe.linear.weight)
-    nn.init.zeros_(probe.linear.bias)
-    opt = torch.optim.LBFGS(probe.linear.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    return probe_of(fit_linear([z], train_y, num_classes, [l2], max_iter)[0], pooling)
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(probe.linear(zs), train_y) + 0.5 * l2 * probe.linear.weight.pow(2).sum()
-        loss.backward()
-        return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
-    probe.requires_grad_(False)
-    return probe
+def probe_of(fit: LinearProbe, pooling: str) -> Probe:
+    """The probe module of fitted numbers (frozen)."""
+    probe = Probe(fit.weight.shape[1], fit.weight.shape[0], pooling).to(fit.weight.device)
+    with torch.no_grad():
+        probe.mean.copy_(fit.mean)
+        probe.std.copy_(fit.std)
+        probe.linear.weight.copy_(fit.weight)
+        probe.linear.bias.copy_(fit.bias)
+    probe.l2 = fit.l2
+    return probe.requires_grad_(False)
 
 
 @torch.no_grad()

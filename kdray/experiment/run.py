@@ -26,7 +26,7 @@ from kdray.config import ExperimentConfig, config_error_from
 from kdray.core import compress as c
 from kdray.core.bundle import DataBundle
 from kdray.core.blocks import block_paths, resolve_pooling
-from kdray.core.cache import CacheRequest, get_cache, spec_of
+from kdray.core.cache import CacheRequest, get_cache
 from kdray.core.checkpoint import save_model
 from kdray.core.compress import gzip_bytes, latency_ms
 from kdray.core.hooks import list_layers
@@ -376,11 +376,10 @@ def probe_layer_accuracies(cfg: ExperimentConfig, pooling: str = "auto", globs: 
     req = CacheRequest((), tuple(specs), cfg.teacher_cache.dtype, pooled_dtype(cfg, prep.teacher))
     cache = get_cache(prep.teacher, b, req, cache_root=cfg.cache_dir, info=cache_info(cfg),
                       batch_size=cfg.data.eval_batch_size, device=resolve_device(cfg.train.device))
+    records = [{**r, "depth": i} for i, r in enumerate(cache.probe_records(specs))]  # in forward order
     log.info("probes: %d fitted in %.1fs (teacher pass included, cache %s)", len(specs), time.perf_counter() - t0,
              "hit" if cache.hit else "built")
-    found = {spec_of(r): r for r in cache.manifest["probes"]}
     acc = cache.manifest.get("teacher_accuracy", {})
-    records = [{**found[s], "depth": i} for i, s in enumerate(specs) if s in found]  # in forward order
     return ProbeLayers(describe_poolings(specs), records, acc.get("val"), acc.get("test"))
 
 

@@ -33,7 +33,7 @@ class ProbeKD(Method):
 
     The options describe how the caller fits the probe (feature pooling, L2 penalty, iterations). ``l2: auto``
     (the default) chooses the penalty per layer by stratified cross-validation on the labelled training examples
-    (:mod:`kdray.core.probe_cv`); a number fixes it.
+    (:mod:`kdray.core.probe_fit`); a number fixes it.
 
     YAML: ``{method: probe_kd, teacher_layers: [relu2], options: {pooling: mean}}``
     """

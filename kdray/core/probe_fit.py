@@ -1,18 +1,23 @@
-"""The probe's L2 strength chosen on data (``l2: auto``): stratified k-fold cross-validation on pooled features.
+"""Fitting probes: L2-penalised multinomial logistic regressions on pooled features, many at once, and their
+strength chosen on data (``l2: auto``) by stratified k-fold cross-validation.
 
 A probe minimises ``mean cross-entropy + l2/2 * ||W||^2`` (the intercept is not penalised) on its layer's pooled
-outputs, standardised by the mean and standard deviation of the labelled training examples
-(:func:`standardisation`). :func:`choose_l2` picks ``l2`` per layer from :data:`L2_GRID` by stratified k-fold
-cross-validation on those examples only: every (layer, fold, strength) problem is fitted at once, and the strength
-with the best mean held-out accuracy wins, the stronger on a tie. The folds share the standardisation of all the
-labelled examples (the one the final probe uses). scikit-learn's ``LogisticRegressionCV(Cs, cv=StratifiedKFold)``
-is the reference: its ``C`` is ``l2 = 1 / (C * n_train)`` here.
+outputs of the labelled training examples, standardised by their mean and standard deviation
+(:func:`standardisation`). With ``l2: auto`` the strength is picked per layer from :data:`L2_GRID` by stratified
+k-fold cross-validation on those examples only (:func:`stratified_folds`): the strength with the best mean held-out
+accuracy wins, the stronger on a tie, and the final probe is fitted on all of them with that strength scaled by the
+share of the examples a fold trained on (:attr:`L2Choice.refit_l2`: the strength reported). The folds share the
+standardisation of all the labelled examples (the one the final probe uses). scikit-learn's ``LogisticRegressionCV(Cs, cv=StratifiedKFold)`` on standardised features is the
+reference: its ``C`` is ``l2 = 1 / (C * n_train)`` here (for two classes scikit-learn fits one weight vector, which
+makes its ``l2`` half of kdray's two-row multinomial one).
 
-The batched fit: each layer's standardised features are rotated onto their principal axes (an exact change of
-basis for an L2-penalised linear model: the optimum lies in the span of the examples, so at most
+The fit (:func:`fit_linear`): each layer's standardised features are rotated onto their principal axes (an exact
+change of basis for an L2-penalised linear model: the optimum lies in the span of the examples, so at most
 ``min(examples, dims)`` coordinates are kept), padded to a common width with zero columns (which an L2 fit leaves at
-zero), and all problems are solved by one batched L-BFGS with a step size, a history and a stopping test per
-problem, preconditioned by the diagonal curvature of each principal axis. Plain PyTorch.
+zero), and every problem (layer x fold x strength for the cross-validation, then one per layer for the final probes)
+is solved by one batched L-BFGS with a step size, a history and a stopping test per problem (largest gradient entry
+of the mean loss below :data:`TOL`, scikit-learn's), preconditioned by the curvature of each principal axis. Plain
+PyTorch, on the features' device.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,7 @@ from torch import Tensor
 
 log = logging.getLogger("kdray")
 
+AUTO = "auto"  # the L2 strength chosen on data
 L2_GRID = tuple(10.0 ** (e / 2) for e in range(-10, 3))  # 1e-5 ... 10, half a decade apart (13 strengths)
 FOLDS = 5
 TOL = 1e-4  # largest gradient entry of the mean loss at which a fit has converged (scikit-learn's lbfgs tol)
@@ -38,17 +44,36 @@ _CHUNK_FLOATS = 2 ** 26  # the solver's state for one batch of layers stays belo
 @dataclass(frozen=True)
 class L2Choice:
     """The strength chosen for one layer and how: ``folds`` of cross-validation (0: none was possible, the
-    fallback below) and the mean held-out accuracy at the chosen strength."""
+    fallback of :func:`fallback_l2`) and the mean held-out accuracy at the chosen strength."""
 
     l2: float
     folds: int
     cv_acc: float
 
+    @property
+    def refit_l2(self) -> float:
+        """The strength of the final fit on all the labelled examples: the chosen one times the share of them a
+        fold trained on, so that ``l2 * examples`` (the penalty against the summed loss) stays what the folds tried,
+        as in scikit-learn's refit, which keeps ``C``."""
+        return self.l2 * (self.folds - 1) / self.folds if self.folds else self.l2
+
+
+@dataclass
+class LinearProbe:
+    """A fitted probe's numbers: ``logits = ((z - mean) / std) @ weight.T + bias``."""
+
+    mean: Tensor  # (D,)
+    std: Tensor  # (D,)
+    weight: Tensor  # (C, D)
+    bias: Tensor  # (C,)
+    l2: float  # the strength fitted
+    choice: Optional[L2Choice] = None  # how it was chosen, for l2: auto
+
 
 def standardisation(z: Tensor) -> tuple[Tensor, Tensor]:
     """The mean and (clamped) standard deviation a probe standardises its (N, D) features with."""
     if len(z) < 2:
-        return z.mean(0) if len(z) else torch.zeros(z.shape[1:]), torch.ones(z.shape[1:], device=z.device)
+        return z.sum(0), torch.ones(z.shape[1:], device=z.device)  # the one example itself, or zeros
     return z.mean(0), z.std(0).clamp_min(1e-6)
 
 
@@ -75,15 +100,26 @@ def stratified_folds(y: Tensor, seed: int = 0) -> tuple[Tensor, int]:
     return folds.to(y.device), k
 
 
-def principal_coordinates(zs: Tensor) -> tuple[Tensor, Tensor]:
-    """(N, r) coordinates of standardised (N, D) features on their principal axes, and the squared norm of each
-    coordinate column (r = the numerical rank, at most min(N, D))."""
+@dataclass
+class _Basis:
+    """Standardised features on their principal axes: ``z = zs @ v``, ``s2`` the squared norm of each column."""
+
+    z: Tensor  # (N, r)
+    s2: Tensor  # (r,)
+    v: Tensor  # (D, r), orthonormal columns
+
+
+def principal_basis(zs: Tensor) -> _Basis:
+    """The principal axes of standardised (N, D) features, r = their numerical rank (at most min(N, D))."""
     n, d = zs.shape
     gram = d > n  # the smaller of the two: the examples' Gram matrix, or the features' scatter matrix
     evals, vecs = torch.linalg.eigh(zs @ zs.T if gram else zs.T @ zs)
     keep = evals > evals.max().clamp_min(0) * 1e-6  # float32: smaller directions are rounding noise
-    z = vecs[:, keep] * evals[keep].sqrt() if gram else zs @ vecs[:, keep]
-    return z, evals[keep]
+    evals, vecs = evals[keep], vecs[:, keep]
+    if gram:
+        s = evals.sqrt()
+        return _Basis(vecs * s, evals, (zs.T @ vecs) / s)
+    return _Basis(zs @ vecs, evals, vecs)
 
 
 @dataclass
@@ -94,7 +130,7 @@ class _Batch:
     y: Tensor  # (N,)
     onehot: Tensor  # (N, C)
     weight: Tensor  # (N, P): 1 / n_train of the problem's fold for its training examples, else 0
-    l2: Tensor  # (P,)
+    l2: Tensor  # (L, P)
     precond: Tensor  # (L, P, 1, R + 1): approximate inverse curvature per coordinate
     num_classes: int
 
@@ -111,12 +147,12 @@ class _Batch:
             return f, None
         r = logp.exp_().sub_(self.onehot.view(1, n, 1, C)).mul_(self.weight.unsqueeze(-1))
         g = torch.bmm(r.view(L, n, P * C).transpose(1, 2), self.z).view(L, P, C, R1)
-        g[..., :-1] += self.l2.view(1, P, 1, 1) * w
+        g[..., :-1] += self.l2[..., None, None] * w
         return f, g
 
     def select(self, keep: Tensor) -> "_Batch":
         """The problems ``keep`` (a mask over P) only."""
-        return _Batch(self.z, self.y, self.onehot, self.weight[:, keep], self.l2[keep], self.precond[:, keep],
+        return _Batch(self.z, self.y, self.onehot, self.weight[:, keep], self.l2[:, keep], self.precond[:, keep],
                       self.num_classes)
 
     def predictions(self, theta: Tensor) -> Tensor:
@@ -208,27 +244,22 @@ def _step(batch: _Batch, theta: Tensor, f: Tensor, g: Tensor, hist: list, active
     return theta, f_new, g_new, hist, done, progress & (t > 0)
 
 
-def _batch(coords: list[tuple[Tensor, Tensor]], y: Tensor, folds: Tensor, k: int, grid: Sequence[float],
-           num_classes: int) -> _Batch:
-    """The (layer, fold, strength) problems of some layers; problem p is fold p // len(grid), strength p % len(grid)."""
+def _problems(bases: list[_Basis], y: Tensor, weight: Tensor, l2: Tensor, num_classes: int) -> _Batch:
+    """The problems of some layers: ``weight`` (N, P) the loss weight of every example in each problem, ``l2``
+    (L, P) their strengths."""
     n, dev = len(y), y.device
-    width = max(z.shape[1] for z, _ in coords)
-    z = torch.zeros(len(coords), n, width + 1, device=dev)
-    s2 = torch.zeros(len(coords), width + 1, device=dev)
-    for i, (zi, si) in enumerate(coords):
-        z[i, :, :zi.shape[1]] = zi
-        s2[i, :si.shape[0]] = si
+    width = max(b.z.shape[1] for b in bases)
+    z = torch.zeros(len(bases), n, width + 1, device=dev)
+    s2 = torch.zeros(len(bases), width + 1, device=dev)
+    for i, b in enumerate(bases):
+        z[i, :, :b.z.shape[1]] = b.z
+        s2[i, :b.s2.shape[0]] = b.s2
     z[:, :, -1] = 1.0
     s2[:, -1] = n
-    train = torch.stack([(folds != f) for f in range(k)]).float()  # (k, N)
-    train = train / train.sum(1, keepdim=True)
-    G = len(grid)
-    weight = train.repeat_interleave(G, 0).T.contiguous()  # (N, k * G)
-    l2 = torch.tensor(list(grid), dtype=torch.float32, device=dev).repeat(k)
     penalised = torch.ones(width + 1, device=dev)
     penalised[-1] = 0
     curvature = s2 / (n * num_classes)  # softmax curvature at the start (uniform predictions), per example
-    precond = 1.0 / (curvature[:, None, :] + l2[None, :, None] * penalised)
+    precond = 1.0 / (curvature[:, None, :] + l2[:, :, None] * penalised)
     return _Batch(z, y, F.one_hot(y, num_classes).float(), weight, l2, precond.unsqueeze(2), num_classes)
 
 
@@ -246,49 +277,70 @@ def _layer_chunks(widths: list[int], n: int, problems: int, num_classes: int) ->
     return chunks + ([cur] if cur else [])
 
 
-def choose_l2(feats: Sequence[Tensor], y: Tensor, num_classes: int, max_iter: int = 100,
-              grid: Sequence[float] = L2_GRID, names: Optional[Sequence[str]] = None) -> list[L2Choice]:
-    """The L2 strength of a probe on each of ``feats`` ((N, D_i) pooled features of the same N labelled training
-    examples, labels ``y``), chosen from ``grid`` by stratified cross-validation (:func:`stratified_folds`);
-    every layer's problems are fitted together. Without two labelled examples in any class there is nothing to
-    hold out: :func:`fallback_l2`, said in the log."""
+def cross_validate(bases: list[_Basis], y: Tensor, num_classes: int, max_iter: int,
+                   grid: Sequence[float] = L2_GRID) -> list[L2Choice]:
+    """The strength of each layer's probe from ``grid`` by stratified cross-validation, every (layer, fold,
+    strength) problem fitted together. Without two labelled examples in any class there is nothing to hold out:
+    :func:`fallback_l2`, said in the log."""
     t0 = time.perf_counter()
-    y = y.long()
     folds, k = stratified_folds(y)
     if k == 0:
         l2 = fallback_l2(len(y))
         log.warning("probe l2 auto: no class has 2 labelled examples (%d in all), so nothing can be held out; "
                     "using l2 = 1/n = %.3g (scikit-learn's default C = 1)", len(y), l2)
-        return [L2Choice(l2, 0, math.nan) for _ in feats]
-    singles = int((folds < 0).sum())
-    if singles:
+        return [L2Choice(l2, 0, math.nan) for _ in bases]
+    if singles := int((folds < 0).sum()):
         log.info("probe l2 auto: %d labelled example(s) alone in their class stay in every training fold", singles)
-    coords = []
-    for z in feats:
-        mean, std = standardisation(z.float())
-        coords.append(principal_coordinates((z.float() - mean) / std))
+    G, n = len(grid), len(y)
     held = torch.stack([(folds == f) for f in range(k)]).float()  # (k, N)
-    acc = torch.empty(len(feats), len(grid))
-    iters, conv = [], []
-    for chunk in _layer_chunks([c[0].shape[1] for c in coords], len(y), k * len(grid), num_classes):
-        batch = _batch([coords[i] for i in chunk], y, folds, k, grid, num_classes)
-        theta, it, converged = solve(batch, max_iter)
-        iters.append(it)
-        conv.append(converged * len(chunk))
-        correct = (batch.predictions(theta) == y.view(1, -1, 1)).float()  # (L, N, k * G)
-        fold_acc = torch.einsum("lnfg,fn->lfg", correct.view(len(chunk), len(y), k, len(grid)), held)
-        acc[chunk] = (fold_acc / held.sum(1).view(1, k, 1)).mean(1).cpu()
-    choices = [_pick(a, grid, k) for a in acc]
-    log.info("probe l2 auto: %d strengths x %d folds x %d layers cross-validated on %d labelled examples in "
-             "%.1fs (%d L-BFGS iterations at most, %.0f%% of the fits converged)", len(grid), k, len(feats), len(y),
-             time.perf_counter() - t0, max(iters), 100 * sum(conv) / len(feats))
-    for name, c in zip(names or [str(i) for i in range(len(feats))], choices):
-        log.debug("probe l2 auto on %s: l2 %.3g (held-out acc %.3f)", name, c.l2, c.cv_acc)
-    return choices
+    train = (1 - held) / (1 - held).sum(1, keepdim=True)
+    weight = train.repeat_interleave(G, 0).T.contiguous()  # (N, k * G): problem p is fold p // G, strength p % G
+    strengths = torch.tensor(list(grid), dtype=torch.float32, device=y.device).repeat(k)
+    acc = torch.empty(len(bases), G, dtype=torch.float64)
+    iters, converged = 0, 0.0
+    for chunk in _layer_chunks([b.z.shape[1] for b in bases], n, k * G, num_classes):
+        batch = _problems([bases[i] for i in chunk], y, weight, strengths.expand(len(chunk), -1), num_classes)
+        theta, it, conv = solve(batch, max_iter)
+        iters, converged = max(iters, it), converged + conv * len(chunk)
+        correct = (batch.predictions(theta) == y.view(1, -1, 1)).double()  # (L, N, k * G); counts add up exactly
+        fold_acc = torch.einsum("lnfg,fn->lfg", correct.view(len(chunk), n, k, G), held.double())
+        acc[chunk] = (fold_acc / held.double().sum(1).view(1, k, 1)).mean(1).cpu()
+    log.info("probe l2 auto: %d strengths x %d folds x %d layers cross-validated on %d labelled examples in %.1fs "
+             "(%d L-BFGS iterations at most, %.0f%% of the fits converged)", G, k, len(bases), n,
+             time.perf_counter() - t0, iters, 100 * converged / len(bases))
+    return [_pick(a, grid, k) for a in acc]
+
+
+def fit_linear(feats: Sequence[Tensor], y: Tensor, num_classes: int, l2s: Sequence[Union[float, str]],
+               max_iter: int = 100) -> list[LinearProbe]:
+    """A probe on each of ``feats`` ((N, D_i) pooled features of the same N labelled training examples, labels
+    ``y``) with strength ``l2s[i]``: a number, or :data:`AUTO` (:func:`cross_validate` over the auto layers
+    together); all the final fits are solved together too."""
+    y = y.long()
+    n = len(y)
+    feats = [z.float() for z in feats]
+    stats = [standardisation(z) for z in feats]
+    if n == 0:
+        return [LinearProbe(m, s, torch.zeros(num_classes, z.shape[1], device=z.device),
+                            torch.zeros(num_classes, device=z.device), fallback_l2(0)) for z, (m, s) in zip(feats, stats)]
+    bases = [principal_basis((z - m) / s) for z, (m, s) in zip(feats, stats)]
+    auto = [i for i, l2 in enumerate(l2s) if l2 == AUTO]
+    choices = dict(zip(auto, cross_validate([bases[i] for i in auto], y, num_classes, max_iter))) if auto else {}
+    l2 = [choices[i].refit_l2 if i in choices else float(l2s[i]) for i in range(len(feats))]
+    out: list[Optional[LinearProbe]] = [None] * len(feats)
+    everyone = torch.full((n, 1), 1.0 / n, device=y.device)
+    for chunk in _layer_chunks([b.z.shape[1] for b in bases], n, 1, num_classes):
+        strengths = torch.tensor([[l2[i]] for i in chunk], dtype=torch.float32, device=y.device)
+        theta, _, _ = solve(_problems([bases[i] for i in chunk], y, everyone, strengths, num_classes), max_iter)
+        for j, i in enumerate(chunk):
+            r = bases[i].z.shape[1]
+            w = theta[j, 0, :, :r] @ bases[i].v.T
+            out[i] = LinearProbe(stats[i][0], stats[i][1], w, theta[j, 0, :, -1].clone(), l2[i], choices.get(i))
+    return out  # type: ignore[return-value]
 
 
 def _pick(acc: Tensor, grid: Sequence[float], k: int) -> L2Choice:
     """The strongest strength whose mean held-out accuracy is the best."""
     best = float(acc.max())
-    i = max((j for j in range(len(grid)) if float(acc[j]) >= best - 1e-9), key=lambda j: grid[j])
+    i = max((j for j in range(len(grid)) if float(acc[j]) >= best - 1e-9), key=lambda j: grid[j])  # exact ties
     return L2Choice(float(grid[i]), k, float(acc[i]))

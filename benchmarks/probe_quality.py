@@ -240,7 +240,8 @@ def kdray_probes(raw: dict) -> tuple[dict, Any, dict]:
         out[layer] = {**{k: v for k, v in rec.items() if isinstance(v, (int, float, str))},
                       "test_acc": float((logits.argmax(1) == y_test).mean()),
                       "pooled_test": column(arrays["test"], f"pool/{layer}/{how}")}
-    return out, bundle, {"chosen": found.best["layer"], "teacher_val_acc": found.teacher_val_acc}
+    return out, bundle, {"chosen": found.best["layer"], "teacher_val_acc": found.teacher_val_acc,
+                         "teacher_test_acc": found.teacher_test_acc}
 
 
 def one_run(raw: dict) -> dict:
@@ -365,6 +366,10 @@ def best_block(rows: list[dict]) -> dict:
             "lr_test": ref["lr_test"]["mean"], "gap": round(ref["lr_test"]["mean"] - k["kdray_test"]["mean"], 4)}
 
 
+def spread(values: list[float]) -> str:
+    return f"{np.median(values):.2g} [{min(values):.2g}, {max(values):.2g}]" if values else "n/a"
+
+
 def markdown(out: dict) -> str:
     cols = [str(b) for b in out["budgets"]]
     head = " | ".join(f"{out['labelled'][c]} labels ({float(c):.0%}): kdray | LR-CV" for c in cols)
@@ -378,11 +383,16 @@ def markdown(out: dict) -> str:
             cells += [cell(r["kdray_test"]) + ("" if r["same_states"] else "*"), cell(r["lr_test"])]
         lines.append(f"| `{row['layer']}` | " + " | ".join(cells) + " |")
     if out["teacher_head_val_acc"]:
-        lines.append("| teacher's own output head (val) | " + " | ".join(
-            f"{cell(out['teacher_head_val_acc'].get(c))} | " for c in cols) + " |")
+        test = out.get("teacher_head_test_acc")
+        lines.append("| teacher's own output head: val \\| test | " + " | ".join(
+            f"{cell(out['teacher_head_val_acc'].get(c))} | {'' if test is None else f'{test:.3f}'}" for c in cols)
+            + " |")
     lines.append("| best block (mean): gap LR - kdray | " + " | ".join(
         f"{out['best'][c]['kdray_test']:.3f} | {out['best'][c]['lr_test']:.3f} (gap {out['best'][c]['gap']:+.3f})"
         for c in cols) + " |")
+    lines.append("| regularisation, median [range] over layers and draws: kdray l2 chosen \\| LR-CV C | " + " | ".join(
+        f"{spread([v for r in out['layers'][c] for v in r['l2'].get('l2_chosen', [])])} | "
+        f"{spread([v for r in out['layers'][c] for v in r['lr_C']])}" for c in cols) + " |")
     if not all(r["same_states"] for c in cols for r in out["layers"][c]):
         lines.append("\n\\* kdray's pooled state differs from the attention-masked mean the reference reads.")
     lines += ["", "| student (same config) | " + " | ".join(f"{out['labelled'][c]} labels" for c in cols) + " |",
@@ -483,7 +493,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     world = make_world(work, args)
     first = experiment_raw(world, args.budgets[0], args.seeds[0], args)
-    layers_out, chosen, head_val, jobs, states, n_test = {}, {}, {}, [], None, 0
+    layers_out, chosen, head_val, jobs, states, n_test, head_test = {}, {}, {}, [], None, 0, None
     for frac in args.budgets:
         draws = []
         for seed in args.seeds:
@@ -493,6 +503,7 @@ def main() -> None:
             draws.append(compare_layers(probes, bundle, states, index, seed))
             chosen.setdefault(str(frac), []).append(found["chosen"])
             head_val.setdefault(str(frac), []).append(found["teacher_val_acc"])
+            head_test = found["teacher_test_acc"]  # the one test split
             n_test = len(bundle.y_test)
             log(f"{frac:.0%} labels ({int(bundle.labelled.sum())}), seed {seed}: kdray probe test "
                 + " ".join(f"{r['test_acc']:.3f}" for r in draws[-1]) + "; LR-CV "
@@ -510,12 +521,14 @@ def main() -> None:
     for (frac, m), v in runs.items():
         students.setdefault(frac, {})[m] = summarise(v)
     labelled = {str(f): labelled_count(world, f, args) for f in args.budgets}
-    teacher_name = args.teacher or ("tiny BERT trained here" if args.tiny else "small BERT trained here")
+    teacher_name = ("/".join(Path(args.teacher).parts[-2:]) if args.teacher else
+                    "tiny BERT trained here" if args.tiny else "small BERT trained here")
     out = {"data": world["data"], "teacher": {"name": teacher_name, "spec": world["teacher"]["model"]},
            "budgets": args.budgets, "labelled": labelled, "seeds": args.seeds, "n_test": n_test,
            "probe_options": probe_options(), "layers": layers_out,
            "best": {c: best_block(rows) for c, rows in layers_out.items()}, "chosen": chosen,
            "teacher_head_val_acc": {c: summarise(v) for c, v in head_val.items() if None not in v},
+           "teacher_head_test_acc": head_test,
            "methods": list(METHODS) if not args.no_students else [], "students": students,
            "epochs": args.epochs, "plot": args.plot, "work": str(work), "tiny": args.tiny,
            "seconds": round(time.perf_counter() - t_start, 1)}

@@ -243,7 +243,8 @@ def _step(batch: _Batch, theta: Tensor, f: Tensor, g: Tensor, hist: list, active
         if not bool(fail.any()):
             break
         t = torch.where(fail, t * 0.25, t)
-        f_new, _ = batch.loss(theta + t[..., None, None] * d, grad=False)
+        cols = fail.any(0)  # only the problems of these columns are evaluated again
+        f_new[:, cols], _ = batch.select(cols).loss(theta[:, cols] + t[:, cols, None, None] * d[:, cols], grad=False)
     else:
         t = torch.where(fail, torch.zeros_like(t), t)
     step = t[..., None, None] * d

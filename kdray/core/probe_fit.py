@@ -243,7 +243,8 @@ def _step(batch: _Batch, theta: Tensor, f: Tensor, g: Tensor, hist: list, active
         if not bool(fail.any()):
             break
         t = torch.where(fail, t * 0.25, t)
-        f_new, _ = batch.loss(theta + t[..., None, None] * d, grad=False)
+        cols = fail.any(0)  # only the problems of these columns are evaluated again
+        f_new[:, cols], _ = batch.select(cols).loss(theta[:, cols] + t[:, cols, None, None] * d[:, cols], grad=False)
     else:
         t = torch.where(fail, torch.zeros_like(t), t)
     step = t[..., None, None] * d
@@ -343,13 +344,18 @@ def fit_linear(feats: Sequence[Tensor], y: Tensor, num_classes: int, l2s: Sequen
     l2 = [choices[i].refit_l2 if i in choices else float(l2s[i]) for i in range(len(feats))]
     out: list[Optional[LinearProbe]] = [None] * len(feats)
     everyone = torch.full((n, 1), 1.0 / n, device=y.device)
+    unconverged = 0.0
     for chunk in _layer_chunks([b.z.shape[1] for b in bases], n, 1, num_classes):
         strengths = torch.tensor([[l2[i]] for i in chunk], dtype=torch.float32, device=y.device)
-        theta, _, _ = solve(_problems([bases[i] for i in chunk], y, everyone, strengths, num_classes), max_iter)
+        theta, _, conv = solve(_problems([bases[i] for i in chunk], y, everyone, strengths, num_classes), max_iter)
+        unconverged += (1 - conv) * len(chunk)
         for j, i in enumerate(chunk):
             r = bases[i].z.shape[1]
             w = theta[j, 0, :, :r] @ bases[i].v.T
             out[i] = LinearProbe(stats[i][0], stats[i][1], w, theta[j, 0, :, -1].clone(), l2[i], choices.get(i))
+    if round(unconverged):
+        log.info("probe fits: %d of %d stopped at max_iter = %d before converging (a weak l2 converges slowly)",
+                 round(unconverged), len(feats), max_iter)
     return out  # type: ignore[return-value]
 
 
